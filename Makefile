@@ -1,0 +1,52 @@
+# The project's front door. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MLRUNS ?= mlruns
+UI_PORT ?= 5000
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.DEFAULT_GOAL := help
+.PHONY: help install run repro flow smoke test lint format ui clean-smoke
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv if missing and install the project (pinned by constraints.txt)
+
+run: $(STAMP) ## the main job: run the whole pipeline with `dvc repro` (set MNIST_DIR for full data)
+	$(BIN)/dvc repro
+
+flow: $(STAMP) ## the same pipeline as the Prefect flow 'mnist-training' (ephemeral API, no server)
+	$(BIN)/python -m flows.training
+
+smoke: $(STAMP) ## the whole pipeline on ~2,000 images for 1 epoch, in a scratch copy (.smoke/)
+	$(BIN)/python -m flows.scratch --dest .smoke
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlruns for the smoke run)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
+		--backend-store-uri sqlite:///$(abspath $(MLRUNS))/mlflow.db \
+		--default-artifact-root $(abspath $(MLRUNS))/artifacts
+
+clean-smoke: ## remove the smoke run's scratch copy
+	rm -rf .smoke

@@ -1,0 +1,166 @@
+"""Typed, frozen view of ``params.yaml``: one pydantic model per section, unknown keys rejected.
+
+Section names are stage names are module names (``train`` -> ``pipelines/train.py``).
+Every number the pipeline uses lives in ``params.yaml``; this module only gives it types.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every params section: immutable, and a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceFile(Section):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class IngestParams(Section):
+    files: dict[Literal["train_images", "train_labels", "test_images", "test_labels"], SourceFile]
+    mirrors: list[str] = Field(min_length=1)
+    timeout_s: float = Field(gt=0)
+    fallback_test_fraction: float = Field(gt=0, lt=1)
+    fallback_seed: int
+
+
+class ValidateParams(Section):
+    image_shape: tuple[int, int]
+    min_train_images: int = Field(ge=1)
+    min_test_images: int = Field(ge=1)
+    min_class_share: float = Field(ge=0, lt=0.1)
+    pixel_min: int
+    pixel_max: int
+
+
+class AugmentParams(Section):
+    enabled: bool
+    rotation_deg: float = Field(ge=0, le=180)
+    shift: float = Field(ge=0, lt=1)
+    zoom_min: float = Field(gt=0)
+    zoom_max: float = Field(gt=0)
+    brightness: float = Field(ge=0, lt=1)
+    noise_std: float = Field(ge=0)
+    preview_images: int = Field(ge=1)
+    seed: int
+
+    @model_validator(mode="after")
+    def _zoom_order(self) -> AugmentParams:
+        if self.zoom_min > self.zoom_max:
+            raise ValueError(f"zoom_min ({self.zoom_min}) must be <= zoom_max ({self.zoom_max})")
+        return self
+
+
+class ModelParams(Section):
+    conv1_filters: int = Field(ge=1)
+    conv2_filters: int = Field(ge=1)
+    kernel_size: int = Field(ge=1)
+    dense_units: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+
+
+class TrainParams(Section):
+    seed: int
+    max_images: int = Field(ge=0)  # 0 = the whole training set
+    validation_split: float = Field(gt=0, lt=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_factor: float = Field(gt=0, lt=1)
+    lr_patience: int = Field(ge=0)
+    min_learning_rate: float = Field(ge=0)
+    early_stopping_patience: int = Field(ge=0)
+    model: ModelParams
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1)
+    top_confused_pairs: int = Field(ge=1)
+
+
+class RegisterParams(Section):
+    model_name: str
+    champion_alias: str
+    challenger_alias: str
+    min_accuracy: float = Field(ge=0, le=1)
+
+
+class TrackingParams(Section):
+    experiment: str
+
+
+class Params(Section):
+    tracking: TrackingParams
+    ingest: IngestParams
+    validate_: ValidateParams = Field(alias="validate")
+    augment: AugmentParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    register_: RegisterParams = Field(alias="register")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    # `validate` and `register` are pydantic/ABC method names, so those two fields carry a
+    # trailing underscore in Python and their plain names in params.yaml.
+    @property
+    def validate(self) -> ValidateParams:  # type: ignore[override]
+        return self.validate_
+
+    @property
+    def register(self) -> RegisterParams:  # type: ignore[override]
+        return self.register_
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged in, recursing into nested mappings."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with an error that names the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a raw params mapping; the error names each bad key by its dotted path."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate").replace("register_", "register")
+            lines.append(f"  {where}: {err['msg']} (found {err.get('input')!r})")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Load and validate ``params.yaml``."""
+    return parse_params(read_yaml(Path(path)), source=str(path))

@@ -1,0 +1,194 @@
+"""Stage register: register the trained model in MLflow and move an alias through the promotion gate.
+
+Gate, in order:
+  1. floor: test accuracy below ``register.min_accuracy`` -> registered, no alias;
+  2. the candidate must load back from the registry and reproduce its test predictions;
+  3. no champion yet -> ``champion``; otherwise the current champion is re-scored on this very
+     test set, and the candidate takes ``champion`` only if strictly better, else ``challenger``.
+Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
+If anything fails after the version is created and before its alias is set, the version is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import RegisterParams, load_params
+from pipelines.data import write_json
+
+log = logging.getLogger("pipelines.register")
+
+LOAD_CHECK_IMAGES = 512  # test images the registry round-trip check predicts
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which alias a candidate gets (None: none) and why."""
+
+    alias: str | None
+    reason: str
+
+
+def decide_promotion(
+    params: RegisterParams,
+    candidate_accuracy: float,
+    champion_accuracy: float | None,
+    champion_version: str | None,
+) -> Decision:
+    """The promotion gate as a pure function of the numbers it compares."""
+    if candidate_accuracy < params.min_accuracy:
+        return Decision(
+            None, f"test accuracy {candidate_accuracy:.4%} is below the floor {params.min_accuracy:.4%}"
+        )
+    if champion_accuracy is None:
+        return Decision(
+            params.champion_alias,
+            f"no current champion; test accuracy {candidate_accuracy:.4%} passes the floor {params.min_accuracy:.4%}",
+        )
+    if candidate_accuracy > champion_accuracy:
+        return Decision(
+            params.champion_alias,
+            f"beats champion v{champion_version}: {candidate_accuracy:.4%} > {champion_accuracy:.4%} on the same test set",
+        )
+    return Decision(
+        params.challenger_alias,
+        f"does not beat champion v{champion_version}: {candidate_accuracy:.4%} <= {champion_accuracy:.4%} "
+        "on the same test set",
+    )
+
+
+def current_champion(client, params: RegisterParams):
+    """The model version holding the champion alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(params.model_name, params.champion_alias)
+    except MlflowException:
+        return None
+
+
+def score_version(uri: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Load a registered Keras model and return its accuracy on the given images."""
+    import mlflow
+
+    from pipelines.evaluate import predict_probabilities
+
+    model = mlflow.keras.load_model(uri)
+    probs = predict_probabilities(model, images, batch_size)
+    return float((probs.argmax(axis=1) == labels.astype(np.int64)).mean())
+
+
+def register_model(
+    params: RegisterParams,
+    run_id: str,
+    model,
+    metrics: dict,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    batch_size: int,
+    extra_tags: dict[str, str] | None = None,
+) -> dict:
+    """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record."""
+    import mlflow
+
+    from pipelines import tracking
+    from pipelines.model import to_model_input
+
+    client = tracking.client()
+    champion = current_champion(client, params)
+    champion_accuracy = None
+    if champion is not None:
+        uri = f"models:/{params.model_name}/{champion.version}"
+        try:
+            champion_accuracy = score_version(uri, x_test, y_test, batch_size)
+            log.info("current champion v%s scores %.4f on this test set", champion.version, champion_accuracy)
+        except Exception as exc:  # a champion that no longer loads must not block a good candidate
+            log.warning("current champion v%s failed to load or predict (%s); treating as absent", champion.version, exc)
+            champion = None
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.keras.log_model(model, name="model", input_example=to_model_input(x_test[:2]))
+    version = mlflow.register_model(info.model_uri, params.model_name).version
+    log.info("registered %s v%s from run %s", params.model_name, version, run_id)
+    try:
+        decision = decide_promotion(
+            params, metrics["accuracy"], champion_accuracy, champion.version if champion else None
+        )
+        # Infra check: the registered artefact must load and predict like the model we evaluated.
+        n = min(LOAD_CHECK_IMAGES, len(x_test))
+        expected = model.predict(to_model_input(x_test[:n]), batch_size=batch_size, verbose=0).argmax(axis=1)
+        loaded = mlflow.keras.load_model(f"models:/{params.model_name}/{version}")
+        got = loaded.predict(to_model_input(x_test[:n]), batch_size=batch_size, verbose=0).argmax(axis=1)
+        agreement = float((expected == got).mean())
+        if agreement < 1.0 and decision.alias is not None:
+            decision = Decision(None, f"registry copy agrees with the evaluated model on only {agreement:.2%} of {n} images")
+
+        tags = {
+            "test_accuracy": f"{metrics['accuracy']:.6f}",
+            "test_loss": f"{metrics['loss']:.6f}",
+            "data_source": metrics.get("data_source", "unknown"),
+            "run_id": run_id,
+            "decision": decision.alias or "none",
+            "reason": decision.reason,
+            "previous_champion": champion.version if champion else "none",
+            "champion_test_accuracy": f"{champion_accuracy:.6f}" if champion_accuracy is not None else "none",
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra_tags or {}),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(params.model_name, version, key, value)
+        if decision.alias is not None:
+            client.set_registered_model_alias(params.model_name, decision.alias, version)
+    except BaseException:
+        log.error("registration of v%s failed before its alias was set; deleting the version", version)
+        client.delete_model_version(params.model_name, version)
+        raise
+    log.info("v%s -> %s: %s", version, decision.alias or "no alias", decision.reason)
+    return {
+        "model_name": params.model_name,
+        "version": int(version),
+        "alias": decision.alias,
+        "reason": decision.reason,
+        "test_accuracy": metrics["accuracy"],
+        "previous_champion": int(champion.version) if champion else None,
+        "champion_test_accuracy": champion_accuracy,
+    }
+
+
+def main() -> None:
+    import keras
+
+    from pipelines import tracking
+    from pipelines.cli import base_parser
+    from pipelines.data import load_raw
+
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--model", default="data/model")
+    parser.add_argument("--metrics", default="data/reports/metrics.json")
+    parser.add_argument("--out", default="data/register")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    model_dir = Path(args.model)
+    tracking.setup(params.tracking.experiment)
+    run_id = tracking.read_run_id(model_dir / tracking.RUN_FILE)
+    data = load_raw(Path(args.raw), {k: v.name for k, v in params.ingest.files.items()})
+    model = keras.models.load_model(model_dir / "model.keras")
+    metrics = json.loads(Path(args.metrics).read_text())
+    record = register_model(
+        params.register, run_id, model, metrics, data.x_test, data.y_test, params.evaluate.batch_size,
+        extra_tags={"git_commit": tracking.git_commit()},
+    )
+    write_json(Path(args.out) / "registration.json", record)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import run_stage
+
+    run_stage("register", main)
