@@ -8,6 +8,8 @@ MLRUNS ?= mlruns
 UI_PORT ?= 5000
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TF_CPP_MIN_LOG_LEVEL := 2
+# dvc.yaml's commands run `python`: make it the project's.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run repro flow smoke test lint format ui clean-smoke

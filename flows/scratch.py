@@ -8,7 +8,6 @@ real pipeline on a small slice without touching this checkout's data, dvc.lock o
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.env import stage_env
 from pipelines.config import deep_merge, parse_params, read_yaml
 
 SMOKE_OVERRIDES = "params.smoke.yaml"
@@ -28,7 +28,10 @@ def tracked_files(src: Path) -> list[Path]:
     """Files git tracks plus untracked ones it does not ignore (what a clone plus your edits holds)."""
     try:
         out = subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=src, capture_output=True, check=True
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=src,
+            capture_output=True,
+            check=True,
         ).stdout.decode()
         return [Path(p) for p in out.split("\0") if p]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: walk it instead
@@ -42,7 +45,9 @@ def make_scratch_copy(src: Path, dest: Path, overrides: Path | None = None) -> P
     if dest.exists():
         shutil.rmtree(dest)
     for rel in tracked_files(src):
-        if rel.parts and (rel.parts[0] in SKIP or rel.parts[0] == "data" and rel.name != ".gitkeep"):
+        if rel.parts and (
+            rel.parts[0] in SKIP or rel.parts[0] == "data" and rel.name != ".gitkeep"
+        ):
             continue
         if rel.parts[:2] == (".dvc", "cache") or rel.parts[:2] == (".dvc", "tmp"):
             continue
@@ -63,10 +68,16 @@ def make_scratch_copy(src: Path, dest: Path, overrides: Path | None = None) -> P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the pipeline on a small slice in a scratch copy.")
-    parser.add_argument("--dest", default=".smoke", help="scratch folder (default: .smoke, replaced)")
+    parser = argparse.ArgumentParser(
+        description="Run the pipeline on a small slice in a scratch copy."
+    )
+    parser.add_argument(
+        "--dest", default=".smoke", help="scratch folder (default: .smoke, replaced)"
+    )
     parser.add_argument("--overrides", default=SMOKE_OVERRIDES, help="params override file")
-    parser.add_argument("--flow", action="store_true", help="run through the Prefect flow, not dvc repro")
+    parser.add_argument(
+        "--flow", action="store_true", help="run through the Prefect flow, not dvc repro"
+    )
     args = parser.parse_args()
     src = Path.cwd()
     dest = make_scratch_copy(src, Path(args.dest), Path(args.overrides))
@@ -76,9 +87,12 @@ def main() -> None:
         cmd = [sys.executable, "-m", "flows.training", "--root", str(dest)]
     else:
         cmd = [sys.executable, "-m", "dvc", "repro"]
-    rc = subprocess.call(cmd, cwd=dest if not args.flow else src, env=os.environ.copy())
-    print(f"smoke run {'passed' if rc == 0 else 'FAILED'} in {time.perf_counter() - start:.0f} s; "
-          f"see it with: make ui MLRUNS={dest / 'mlruns'}", flush=True)
+    rc = subprocess.call(cmd, cwd=dest if not args.flow else src, env=stage_env())
+    print(
+        f"smoke run {'passed' if rc == 0 else 'FAILED'} in {time.perf_counter() - start:.0f} s; "
+        f"see it with: make ui MLRUNS={dest / 'mlruns'}",
+        flush=True,
+    )
     sys.exit(rc)
 
 

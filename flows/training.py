@@ -21,6 +21,8 @@ from pathlib import Path
 import networkx as nx
 from prefect import flow, get_run_logger, task
 
+from flows.env import stage_env
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RETRY_DELAY_S = 10
 
@@ -39,20 +41,24 @@ def stage_order(root: Path) -> list[StageSpec]:
 
     with Repo(str(root)) as repo:
         stages = list(repo.index.stages)
-        position = {stage.addressing: i for i, stage in enumerate(stages)}
+        position = {stage.name: i for i, stage in enumerate(stages)}
         # DVC's edges point from a stage to what it depends on; reverse them to run dependencies first.
         graph = repo.index.graph.reverse()
-        ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position[s.addressing])
-        return [StageSpec(s.addressing, int((s.meta or {}).get("retries", 0))) for s in ordered]
+        ordered = nx.lexicographical_topological_sort(graph, key=lambda s: position[s.name])
+        return [StageSpec(s.name, int((s.meta or {}).get("retries", 0))) for s in ordered]
 
 
 @task(name="dvc-stage", retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
 def run_stage(stage: str, root: str, force: bool = False) -> str:
     """``dvc repro --single-item <stage>`` in ``root``, streaming its output into the Prefect log."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (
+        ["--force"] if force else []
+    )
     logger.info("%s: %s", stage, " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -61,7 +67,9 @@ def run_stage(stage: str, root: str, force: bool = False) -> str:
             logger.info("%s | %s", stage, line)
             tail = (tail + [line])[-20:]
     if proc.wait() != 0:
-        raise RuntimeError(f"stage '{stage}' failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"stage '{stage}' failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail)
+        )
     return stage
 
 
@@ -90,10 +98,14 @@ def training(root: str | None = None, force: bool = False, smoke: bool = False) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Run the MNIST pipeline as the Prefect flow 'mnist-training'.")
+    parser = argparse.ArgumentParser(
+        description="Run the MNIST pipeline as the Prefect flow 'mnist-training'."
+    )
     parser.add_argument("--root", default=None, help="repo to run in (default: this checkout)")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
-    parser.add_argument("--smoke", action="store_true", help="small slice, in a scratch copy (.smoke/)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="small slice, in a scratch copy (.smoke/)"
+    )
     args = parser.parse_args()
     state = training(root=args.root, force=args.force, smoke=args.smoke, return_state=True)
     sys.exit(0 if state.is_completed() else 1)

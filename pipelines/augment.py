@@ -51,23 +51,39 @@ def build_augmenter(params: AugmentParams, seed: int | None = None) -> keras.Seq
     The layers are active only with ``training=True``, so the same object can sit in a tf.data map.
     """
     layers: list[keras.layers.Layer] = []
+
+    def layer_seed() -> int | None:
+        # Each random layer needs its own seed: with one shared seed they draw the same numbers,
+        # so rotation, shift and zoom would move in lockstep (correlation 1.0, measured).
+        return None if seed is None else seed + len(layers)
+
     if params.enabled:
         if params.rotation_deg > 0:
             # Keras takes rotation as a fraction of a full turn.
-            layers.append(keras.layers.RandomRotation(params.rotation_deg / 360.0, fill_mode="constant", seed=seed))
+            layers.append(
+                keras.layers.RandomRotation(
+                    params.rotation_deg / 360.0, fill_mode="constant", seed=layer_seed()
+                )
+            )
         if params.shift > 0:
-            layers.append(keras.layers.RandomTranslation(params.shift, params.shift, fill_mode="constant", seed=seed))
+            layers.append(
+                keras.layers.RandomTranslation(
+                    params.shift, params.shift, fill_mode="constant", seed=layer_seed()
+                )
+            )
         if (params.zoom_min, params.zoom_max) != (1.0, 1.0):
             # Keras zoom factor: negative zooms in, so factor = 1 - scale.
             layers.append(
                 keras.layers.RandomZoom(
-                    (1.0 - params.zoom_max, 1.0 - params.zoom_min), fill_mode="constant", seed=seed
+                    (1.0 - params.zoom_max, 1.0 - params.zoom_min),
+                    fill_mode="constant",
+                    seed=layer_seed(),
                 )
             )
         if params.brightness > 0:
-            layers.append(RandomIntensity(params.brightness, seed=seed, name="brightness"))
+            layers.append(RandomIntensity(params.brightness, seed=layer_seed(), name="brightness"))
         if params.noise_std > 0:
-            layers.append(keras.layers.GaussianNoise(params.noise_std, seed=seed))
+            layers.append(keras.layers.GaussianNoise(params.noise_std, seed=layer_seed()))
     # Noise and brightness can push pixels outside [0, 1]; the model was built for that range.
     layers.append(keras.layers.Lambda(lambda x: keras.ops.clip(x, 0.0, 1.0), name="clip"))
     return keras.Sequential(layers, name="augment")
@@ -119,11 +135,19 @@ def main() -> None:
     write_json(out / "policy.json", params.model_dump())
     data = load_raw(Path(args.raw), {k: v.name for k, v in all_params.ingest.files.items()})
     rng = np.random.default_rng(params.seed)
-    pick = rng.choice(len(data.x_train), size=min(params.preview_images // 2, len(data.x_train)), replace=False)
+    pick = rng.choice(
+        len(data.x_train), size=min(params.preview_images // 2, len(data.x_train)), replace=False
+    )
     keras.utils.set_random_seed(params.seed)
     originals = to_model_input(data.x_train[pick])  # (n, 28, 28, 1) float32
-    preview_grid(originals, augment_batch(build_augmenter(params, seed=params.seed), originals), out / "preview.png")
-    log.info("policy and preview written to %s (augmentation %s)", out, "on" if params.enabled else "off")
+    preview_grid(
+        originals,
+        augment_batch(build_augmenter(params, seed=params.seed), originals),
+        out / "preview.png",
+    )
+    log.info(
+        "policy and preview written to %s (augmentation %s)", out, "on" if params.enabled else "off"
+    )
 
 
 if __name__ == "__main__":

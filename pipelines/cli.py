@@ -33,7 +33,9 @@ def configure_logging() -> None:
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Argument parser with the ``--params`` option every stage takes."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
     return parser
 
 

@@ -145,7 +145,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+        raise ParamsError(
+            f"{path}: expected a mapping at the top level, found {type(data).__name__}"
+        )
     return data
 
 
@@ -156,7 +158,11 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
     except ValidationError as exc:
         lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate").replace("register_", "register")
+            where = (
+                ".".join(str(p) for p in err["loc"])
+                .replace("validate_", "validate")
+                .replace("register_", "register")
+            )
             lines.append(f"  {where}: {err['msg']} (found {err.get('input')!r})")
         raise ParamsError("\n".join(lines)) from None
 

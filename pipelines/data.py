@@ -126,7 +126,9 @@ def load_raw(raw_dir: Path, file_names: dict[str, str]) -> Dataset:
                 f"({file_names[f'{split}_images']}, {file_names[f'{split}_labels']})"
             )
     source_path = raw_dir / SOURCE_FILE
-    data_source = json.loads(source_path.read_text())["data_source"] if source_path.exists() else "unknown"
+    data_source = (
+        json.loads(source_path.read_text())["data_source"] if source_path.exists() else "unknown"
+    )
     return Dataset(
         x_train=arrays["train_images"],
         y_train=arrays["train_labels"],

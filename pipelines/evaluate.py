@@ -30,7 +30,9 @@ class Evaluation:
     loss: float
     confusion: np.ndarray  # (10, 10) int, rows = true digit, columns = predicted digit
     per_class: pd.DataFrame  # digit, precision, recall, f1, support
-    confused_pairs: pd.DataFrame  # true, predicted, count, share_of_true (off-diagonal, largest first)
+    confused_pairs: (
+        pd.DataFrame
+    )  # true, predicted, count, share_of_true (off-diagonal, largest first)
     predicted: np.ndarray  # (N,) int
 
 
@@ -50,20 +52,35 @@ def per_class_metrics(cm: np.ndarray) -> pd.DataFrame:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     return pd.DataFrame(
-        {"digit": range(len(cm)), "precision": precision, "recall": recall, "f1": f1, "support": support}
+        {
+            "digit": range(len(cm)),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+        }
     )
 
 
 def most_confused_pairs(cm: np.ndarray, top: int) -> pd.DataFrame:
     """Off-diagonal cells, largest count first: which digit was taken for which."""
     rows = [
-        {"true": t, "predicted": p, "count": int(cm[t, p]), "share_of_true": cm[t, p] / max(1, cm[t].sum())}
+        {
+            "true": t,
+            "predicted": p,
+            "count": int(cm[t, p]),
+            "share_of_true": cm[t, p] / max(1, cm[t].sum()),
+        }
         for t in range(len(cm))
         for p in range(len(cm))
         if t != p and cm[t, p] > 0
     ]
     frame = pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true"])
-    return frame.sort_values(["count", "true", "predicted"], ascending=[False, True, True]).head(top).reset_index(drop=True)
+    return (
+        frame.sort_values(["count", "true", "predicted"], ascending=[False, True, True])
+        .head(top)
+        .reset_index(drop=True)
+    )
 
 
 def evaluate_probabilities(probs: np.ndarray, y_true: np.ndarray, top_pairs: int) -> Evaluation:
@@ -102,8 +119,15 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
     ax.imshow(shown, cmap="Blues")
     for t in range(len(cm)):
         for p in range(len(cm)):
-            ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7,
-                    color="white" if shown[t, p] > shown.max() / 2 else "black")
+            ax.text(
+                p,
+                t,
+                str(cm[t, p]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shown[t, p] > shown.max() / 2 else "black",
+            )
     ax.set_xticks(range(len(cm)))
     ax.set_yticks(range(len(cm)))
     ax.set_xlabel("predicted digit")
@@ -128,13 +152,27 @@ def write_reports(result: Evaluation, y_true: np.ndarray, data_source: str, out:
     write_json(out / "metrics.json", metrics)
     atomic_write_text(
         out / "predictions.csv",
-        pd.DataFrame({"actual": y_true.astype(int), "predicted": result.predicted}).to_csv(index=False),
+        pd.DataFrame({"actual": y_true.astype(int), "predicted": result.predicted}).to_csv(
+            index=False
+        ),
     )
-    cm_frame = pd.DataFrame(result.confusion, index=pd.Index(range(10), name="true"), columns=[f"pred_{d}" for d in range(10)])
+    cm_frame = pd.DataFrame(
+        result.confusion,
+        index=pd.Index(range(10), name="true"),
+        columns=[f"pred_{d}" for d in range(10)],
+    )
     atomic_write_text(out / "confusion_matrix.csv", cm_frame.to_csv())
-    atomic_write_text(out / "per_class.csv", result.per_class.to_csv(index=False, float_format="%.6f"))
-    atomic_write_text(out / "confused_pairs.csv", result.confused_pairs.to_csv(index=False, float_format="%.6f"))
-    plot_confusion(result.confusion, out / "confusion_matrix.png", f"test accuracy {result.accuracy:.4%} (n={len(y_true)})")
+    atomic_write_text(
+        out / "per_class.csv", result.per_class.to_csv(index=False, float_format="%.6f")
+    )
+    atomic_write_text(
+        out / "confused_pairs.csv", result.confused_pairs.to_csv(index=False, float_format="%.6f")
+    )
+    plot_confusion(
+        result.confusion,
+        out / "confusion_matrix.png",
+        f"test accuracy {result.accuracy:.4%} (n={len(y_true)})",
+    )
     return metrics
 
 
@@ -157,15 +195,27 @@ def main() -> None:
     probs = predict_probabilities(model, data.x_test, params.evaluate.batch_size)
     result = evaluate_probabilities(probs, data.y_test, params.evaluate.top_confused_pairs)
     metrics = write_reports(result, data.y_test, data.data_source, out)
-    log.info("test accuracy %.4f, loss %.4f on %d images (%s)", result.accuracy, result.loss, len(data.y_test), data.data_source)
+    log.info(
+        "test accuracy %.4f, loss %.4f on %d images (%s)",
+        result.accuracy,
+        result.loss,
+        len(data.y_test),
+        data.data_source,
+    )
     for row in result.confused_pairs.head(5).itertuples(index=False):
-        log.info("  most confused: true %d -> predicted %d, %d times", row.true, row.predicted, row.count)
+        log.info(
+            "  most confused: true %d -> predicted %d, %d times", row.true, row.predicted, row.count
+        )
 
     with tracking.attach_run(model_dir / tracking.RUN_FILE, params.tracking.experiment):
         mlflow.log_metrics({"test_accuracy": result.accuracy, "test_loss": result.loss})
         for row in result.per_class.itertuples(index=False):
             mlflow.log_metrics(
-                {f"test_precision_{row.digit}": row.precision, f"test_recall_{row.digit}": row.recall, f"test_f1_{row.digit}": row.f1}
+                {
+                    f"test_precision_{row.digit}": row.precision,
+                    f"test_recall_{row.digit}": row.recall,
+                    f"test_f1_{row.digit}": row.f1,
+                }
             )
         mlflow.set_tag("data_source", metrics["data_source"])
         mlflow.log_artifacts(str(out), artifact_path="evaluation")

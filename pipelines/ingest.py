@@ -10,6 +10,7 @@ A checksum mismatch or a truncated file in 1 or 2 is an error that names the fil
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -72,7 +73,10 @@ def download_from_mirror(mirror: str, params: IngestParams, dest: Path) -> None:
         url = mirror.rstrip("/") + "/" + spec.name
         target = dest / spec.name
         log.info("downloading %s", url)
-        with urllib.request.urlopen(url, timeout=params.timeout_s) as resp, open(target, "wb") as fh:
+        with (
+            urllib.request.urlopen(url, timeout=params.timeout_s) as resp,
+            open(target, "wb") as fh,
+        ):
             shutil.copyfileobj(resp, fh, length=1 << 20)
         verify_file(target, spec.sha256)
 
@@ -83,7 +87,13 @@ def fetch_from_mirrors(params: IngestParams, dest: Path) -> str | None:
         try:
             download_from_mirror(mirror, params, dest)
             return mirror
-        except (urllib.error.URLError, OSError, TimeoutError, DataError) as exc:
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            OSError,
+            TimeoutError,
+            DataError,
+        ) as exc:
             log.warning("mirror %s failed: %s", mirror, exc)
     return None
 
@@ -118,7 +128,12 @@ def write_fallback(params: IngestParams, raw_dir: Path) -> None:
     x_train, y_train, x_test, y_test = split_fallback_sample(
         images, labels, params.fallback_test_fraction, params.fallback_seed
     )
-    arrays = {"train_images": x_train, "train_labels": y_train, "test_images": x_test, "test_labels": y_test}
+    arrays = {
+        "train_images": x_train,
+        "train_labels": y_train,
+        "test_images": x_test,
+        "test_labels": y_test,
+    }
     for key, spec in params.files.items():
         atomic_write_bytes(raw_dir / spec.name, encode_idx(arrays[key]))
 
@@ -155,7 +170,8 @@ def ingest(params: IngestParams, raw_dir: Path, mnist_dir: str | None) -> dict:
 
     cached = raw_dir / SOURCE_FILE
     if has_all_files(raw_dir, params) and (
-        not cached.exists() or json.loads(cached.read_text()).get("data_source") == DATA_SOURCE_MNIST
+        not cached.exists()
+        or json.loads(cached.read_text()).get("data_source") == DATA_SOURCE_MNIST
     ):
         log.info("source: the copy already in %s", raw_dir)
         verify_dir(raw_dir, params)

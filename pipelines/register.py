@@ -25,6 +25,7 @@ from pipelines.data import write_json
 log = logging.getLogger("pipelines.register")
 
 LOAD_CHECK_IMAGES = 512  # test images the registry round-trip check predicts
+PROBABILITY_TOLERANCE = 1e-4  # largest allowed probability difference in that check
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def decide_promotion(
     """The promotion gate as a pure function of the numbers it compares."""
     if candidate_accuracy < params.min_accuracy:
         return Decision(
-            None, f"test accuracy {candidate_accuracy:.4%} is below the floor {params.min_accuracy:.4%}"
+            None,
+            f"test accuracy {candidate_accuracy:.4%} is below the floor {params.min_accuracy:.4%}",
         )
     if champion_accuracy is None:
         return Decision(
@@ -107,13 +109,26 @@ def register_model(
         uri = f"models:/{params.model_name}/{champion.version}"
         try:
             champion_accuracy = score_version(uri, x_test, y_test, batch_size)
-            log.info("current champion v%s scores %.4f on this test set", champion.version, champion_accuracy)
+            log.info(
+                "current champion v%s scores %.4f on this test set",
+                champion.version,
+                champion_accuracy,
+            )
         except Exception as exc:  # a champion that no longer loads must not block a good candidate
-            log.warning("current champion v%s failed to load or predict (%s); treating as absent", champion.version, exc)
+            log.warning(
+                "current champion v%s failed to load or predict (%s); treating as absent",
+                champion.version,
+                exc,
+            )
             champion = None
 
+    from mlflow.models import infer_signature
+
+    example = to_model_input(x_test[:2])  # (2, 28, 28, 1) float32 in [0, 1]
+    # An explicit signature: mlflow 3.17's keras flavour fails to write `input_example` files.
+    signature = infer_signature(example, model.predict(example, verbose=0))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.keras.log_model(model, name="model", input_example=to_model_input(x_test[:2]))
+        info = mlflow.keras.log_model(model, name="model", signature=signature)
     version = mlflow.register_model(info.model_uri, params.model_name).version
     log.info("registered %s v%s from run %s", params.model_name, version, run_id)
     try:
@@ -122,12 +137,17 @@ def register_model(
         )
         # Infra check: the registered artefact must load and predict like the model we evaluated.
         n = min(LOAD_CHECK_IMAGES, len(x_test))
-        expected = model.predict(to_model_input(x_test[:n]), batch_size=batch_size, verbose=0).argmax(axis=1)
+        batch = to_model_input(x_test[:n])
+        expected = model.predict(batch, batch_size=batch_size, verbose=0)
         loaded = mlflow.keras.load_model(f"models:/{params.model_name}/{version}")
-        got = loaded.predict(to_model_input(x_test[:n]), batch_size=batch_size, verbose=0).argmax(axis=1)
-        agreement = float((expected == got).mean())
-        if agreement < 1.0 and decision.alias is not None:
-            decision = Decision(None, f"registry copy agrees with the evaluated model on only {agreement:.2%} of {n} images")
+        drift = float(
+            np.abs(loaded.predict(batch, batch_size=batch_size, verbose=0) - expected).max()
+        )
+        if drift > PROBABILITY_TOLERANCE and decision.alias is not None:
+            decision = Decision(
+                None,
+                f"registry copy predicts differently from the evaluated model (max |dp| {drift:.2e} on {n} images)",
+            )
 
         tags = {
             "test_accuracy": f"{metrics['accuracy']:.6f}",
@@ -136,8 +156,10 @@ def register_model(
             "run_id": run_id,
             "decision": decision.alias or "none",
             "reason": decision.reason,
-            "previous_champion": champion.version if champion else "none",
-            "champion_test_accuracy": f"{champion_accuracy:.6f}" if champion_accuracy is not None else "none",
+            "previous_champion": str(champion.version) if champion else "none",
+            "champion_test_accuracy": f"{champion_accuracy:.6f}"
+            if champion_accuracy is not None
+            else "none",
             "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra_tags or {}),
         }
@@ -146,7 +168,9 @@ def register_model(
         if decision.alias is not None:
             client.set_registered_model_alias(params.model_name, decision.alias, version)
     except BaseException:
-        log.error("registration of v%s failed before its alias was set; deleting the version", version)
+        log.error(
+            "registration of v%s failed before its alias was set; deleting the version", version
+        )
         client.delete_model_version(params.model_name, version)
         raise
     log.info("v%s -> %s: %s", version, decision.alias or "no alias", decision.reason)
@@ -182,7 +206,13 @@ def main() -> None:
     model = keras.models.load_model(model_dir / "model.keras")
     metrics = json.loads(Path(args.metrics).read_text())
     record = register_model(
-        params.register, run_id, model, metrics, data.x_test, data.y_test, params.evaluate.batch_size,
+        params.register,
+        run_id,
+        model,
+        metrics,
+        data.x_test,
+        data.y_test,
+        params.evaluate.batch_size,
         extra_tags={"git_commit": tracking.git_commit()},
     )
     write_json(Path(args.out) / "registration.json", record)

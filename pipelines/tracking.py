@@ -69,7 +69,10 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -100,7 +103,9 @@ def lineage_tags(source_record: dict) -> dict[str, str]:
 
 
 @contextmanager
-def training_run(params: Params, run_file: Path, source_record: dict, run_id: str | None = None) -> Iterator[str]:
+def training_run(
+    params: Params, run_file: Path, source_record: dict, run_id: str | None = None
+) -> Iterator[str]:
     """Start (or, with ``run_id``, resume) the training run; write its id to ``run_file`` on success."""
     setup(params.tracking.experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "train") as run:
@@ -116,7 +121,9 @@ def read_run_id(run_file: Path) -> str:
     try:
         return json.loads(Path(run_file).read_text())["run_id"]
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{run_file}: no training run id; run the train stage first") from exc
+        raise FileNotFoundError(
+            f"{run_file}: no training run id; run the train stage first"
+        ) from exc
 
 
 @contextmanager
@@ -130,4 +137,6 @@ def attach_run(run_file: Path, experiment: str) -> Iterator[str]:
 
 def client() -> MlflowClient:
     """A client on the configured tracking and registry URIs."""
-    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+    return MlflowClient(
+        tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
+    )

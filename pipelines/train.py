@@ -22,7 +22,7 @@ import tensorflow as tf
 from pipelines.augment import build_augmenter
 from pipelines.config import AugmentParams, TrainParams, load_params
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
-from pipelines.model import build_model
+from pipelines.model import INPUT_SHAPE, build_model
 
 log = logging.getLogger("pipelines.train")
 
@@ -62,7 +62,10 @@ def make_dataset(
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     # Scale per batch, not per image: one vectorised op instead of N small ones.
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32)[..., None] / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda x, y: (tf.cast(x, tf.float32)[..., None] / 255.0, y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -80,14 +83,23 @@ class EpochProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
         metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        metrics["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
         metrics["epoch_seconds"] = now - self.epoch_start
         shown = "  ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in metrics
+            f"{k} {metrics[k]:.4f}"
+            for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+            if k in metrics
         )
         log.info(
             "epoch %d/%d  %s  lr %.1e  %.1f s (elapsed %.1f s)",
-            epoch + 1, self.epochs, shown, metrics["learning_rate"], metrics["epoch_seconds"], now - self.start,
+            epoch + 1,
+            self.epochs,
+            shown,
+            metrics["learning_rate"],
+            metrics["epoch_seconds"],
+            now - self.start,
         )
         if self.hook is not None:
             self.hook(epoch, metrics)
@@ -113,7 +125,10 @@ def train_model(
     # exported model never carries augmentation layers.
     fitted = model
     if policy.enabled:
-        fitted = keras.Sequential([build_augmenter(policy, seed=params.seed), model], name="train_graph")
+        fitted = keras.Sequential(
+            [keras.Input(shape=INPUT_SHAPE), build_augmenter(policy, seed=params.seed), model],
+            name="train_graph",
+        )
     fitted.compile(
         optimizer=keras.optimizers.Adam(params.learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -121,11 +136,17 @@ def train_model(
     )
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=params.lr_factor, patience=params.lr_patience,
-            min_lr=params.min_learning_rate, verbose=0,
+            monitor="val_loss",
+            factor=params.lr_factor,
+            patience=params.lr_patience,
+            min_lr=params.min_learning_rate,
+            verbose=0,
         ),
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True, verbose=0
+            monitor="val_loss",
+            patience=params.early_stopping_patience,
+            restore_best_weights=True,
+            verbose=0,
         ),
         EpochProgress(params.epochs, on_epoch),
     ]
@@ -136,11 +157,20 @@ def train_model(
         callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch"))
     log.info(
         "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s",
-        len(x_fit), len(x_val), params.batch_size, params.epochs, "on" if policy.enabled else "off",
+        len(x_fit),
+        len(x_val),
+        params.batch_size,
+        params.epochs,
+        "on" if policy.enabled else "off",
     )
     start = time.perf_counter()
     history = fitted.fit(
-        train_ds, validation_data=val_ds, epochs=params.epochs, callbacks=callbacks, verbose=0, shuffle=False
+        train_ds,
+        validation_data=val_ds,
+        epochs=params.epochs,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
     )
     return TrainResult(
         model=model,
@@ -152,7 +182,11 @@ def train_model(
 def checkpoint_key(params: TrainParams, policy: AugmentParams, source_record: dict) -> str:
     """A short hash of everything that defines a training, so a resume never mixes two of them."""
     blob = json.dumps(
-        {"train": params.model_dump(), "augment": policy.model_dump(), "data": source_record.get("files")},
+        {
+            "train": params.model_dump(),
+            "augment": policy.model_dump(),
+            "data": source_record.get("files"),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -186,7 +220,9 @@ def main() -> None:
     if resume_id:
         log.info("resuming from checkpoint %s (MLflow run %s)", backup_dir, resume_id)
 
-    with tracking.training_run(params, out / tracking.RUN_FILE, source_record, run_id=resume_id) as run_id:
+    with tracking.training_run(
+        params, out / tracking.RUN_FILE, source_record, run_id=resume_id
+    ) as run_id:
         backup_dir.mkdir(parents=True, exist_ok=True)
         resume_file.write_text(run_id)
         for artifact in (args.preview, args.validation_report):
@@ -196,7 +232,9 @@ def main() -> None:
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
 
-        result = train_model(params.train, policy, data.x_train, data.y_train, log_epoch, backup_dir)
+        result = train_model(
+            params.train, policy, data.x_train, data.y_train, log_epoch, backup_dir
+        )
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "model.tmp.keras"
         result.model.save(tmp)

@@ -44,10 +44,14 @@ class ValidationReport:
         ]
         for r in sorted(self.results, key=lambda r: r["success"]):
             mark = "ok  " if r["success"] else "FAIL"
-            detail = f"{r['unexpected_count']} of {r['element_count']} rows unexpected" if r[
-                "unexpected_count"
-            ] is not None else f"observed {r['observed_value']}"
-            lines.append(f"  {mark} [{r['suite']}] {r['expectation']}({r['column'] or ''}): {detail}")
+            detail = (
+                f"{r['unexpected_count']} of {r['element_count']} rows unexpected"
+                if r["unexpected_count"] is not None
+                else f"observed {r['observed_value']}"
+            )
+            lines.append(
+                f"  {mark} [{r['suite']}] {r['expectation']}({r['column'] or ''}): {detail}"
+            )
             if not r["success"] and r["examples"]:
                 lines.append(f"       examples: {r['examples']}")
         return "\n".join(lines)
@@ -78,11 +82,20 @@ def class_balance(labels_by_split: dict[str, np.ndarray]) -> pd.DataFrame:
     for split, labels in labels_by_split.items():
         counts = np.bincount(labels.astype(np.int64).clip(0, 9), minlength=10)[:10]
         for digit in DIGITS:
-            rows.append({"split": split, "digit": digit, "count": int(counts[digit]), "share": counts[digit] / max(1, len(labels))})
+            rows.append(
+                {
+                    "split": split,
+                    "digit": digit,
+                    "count": int(counts[digit]),
+                    "share": counts[digit] / max(1, len(labels)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def image_expectations(params: ValidateParams, min_rows: int, forbidden_hashes: list[str] | None) -> list:
+def image_expectations(
+    params: ValidateParams, min_rows: int, forbidden_hashes: list[str] | None
+) -> list:
     """Per-image expectations for one split; ``forbidden_hashes`` are images of the other split."""
     rows, cols = params.image_shape
     expectations = [
@@ -90,14 +103,20 @@ def image_expectations(params: ValidateParams, min_rows: int, forbidden_hashes: 
         gxe.ExpectColumnValuesToBeBetween(column="rows", min_value=rows, max_value=rows),
         gxe.ExpectColumnValuesToBeBetween(column="cols", min_value=cols, max_value=cols),
         gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=params.pixel_min, max_value=params.pixel_max),
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=params.pixel_min, max_value=params.pixel_max),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="pixel_min", min_value=params.pixel_min, max_value=params.pixel_max
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="pixel_max", min_value=params.pixel_min, max_value=params.pixel_max
+        ),
         gxe.ExpectColumnValuesToBeBetween(column="nan_count", min_value=0, max_value=0),
         gxe.ExpectColumnValuesToNotBeNull(column="label"),
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=DIGITS),
     ]
     if forbidden_hashes is not None:
-        expectations.append(gxe.ExpectColumnValuesToNotBeInSet(column="sha1", value_set=forbidden_hashes))
+        expectations.append(
+            gxe.ExpectColumnValuesToNotBeInSet(column="sha1", value_set=forbidden_hashes)
+        )
     return expectations
 
 
@@ -106,7 +125,9 @@ def balance_expectations(params: ValidateParams, splits: list[str]) -> list:
     return [
         gxe.ExpectTableRowCountToEqual(value=10 * len(splits)),
         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="share", min_value=params.min_class_share, max_value=1),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="share", min_value=params.min_class_share, max_value=1
+        ),
     ]
 
 
@@ -116,7 +137,9 @@ def run_suite(context, name: str, frame: pd.DataFrame, expectations: list) -> li
     for expectation in expectations:
         suite.add_expectation(expectation)
     asset = context.data_sources.add_pandas(name).add_dataframe_asset(name)
-    batch = asset.add_batch_definition_whole_dataframe(name).get_batch(batch_parameters={"dataframe": frame})
+    batch = asset.add_batch_definition_whole_dataframe(name).get_batch(
+        batch_parameters={"dataframe": frame}
+    )
     result = batch.validate(suite, result_format="SUMMARY")
     flat = []
     for r in result.results:
@@ -149,16 +172,26 @@ def validate_dataset(params: ValidateParams, data: Dataset) -> ValidationReport:
     train = image_summary(data.x_train, data.y_train)
     test = image_summary(data.x_test, data.y_test)
     results = run_suite(
-        context, "train_images", train, image_expectations(params, params.min_train_images, sorted(set(test["sha1"])))
+        context,
+        "train_images",
+        train,
+        image_expectations(params, params.min_train_images, sorted(set(test["sha1"]))),
     )
-    results += run_suite(context, "test_images", test, image_expectations(params, params.min_test_images, None))
+    results += run_suite(
+        context, "test_images", test, image_expectations(params, params.min_test_images, None)
+    )
     balance = class_balance({"train": data.y_train, "test": data.y_test})
-    results += run_suite(context, "class_balance", balance, balance_expectations(params, ["train", "test"]))
+    results += run_suite(
+        context, "class_balance", balance, balance_expectations(params, ["train", "test"])
+    )
     # GX reports which rows broke the balance check, not which digit; add that for the reader.
     for r in results:
         if r["suite"] == "class_balance" and not r["success"]:
             low = balance[balance["share"] < params.min_class_share]
-            r["examples"] = [f"{s} digit {d}: {c} images ({sh:.1%})" for s, d, c, sh in low.itertuples(index=False)][:10]
+            r["examples"] = [
+                f"{s} digit {d}: {c} images ({sh:.1%})"
+                for s, d, c, sh in low.itertuples(index=False)
+            ][:10]
     return ValidationReport(success=all(r["success"] for r in results), results=results)
 
 
@@ -171,17 +204,29 @@ def main() -> None:
     args = parser.parse_args()
     all_params = load_params(args.params)
     data = load_raw(Path(args.raw), {k: v.name for k, v in all_params.ingest.files.items()})
-    log.info("validating %d train and %d test images (%s)", len(data.x_train), len(data.x_test), data.data_source)
+    log.info(
+        "validating %d train and %d test images (%s)",
+        len(data.x_train),
+        len(data.x_test),
+        data.data_source,
+    )
     report = validate_dataset(all_params.validate, data)
     out = Path(args.out)
-    write_json(out / "report.json", {"success": report.success, "data_source": data.data_source, "results": report.results})
+    write_json(
+        out / "report.json",
+        {"success": report.success, "data_source": data.data_source, "results": report.results},
+    )
     atomic_write_text(out / "report.txt", report.summary() + "\n")
     for line in report.summary().splitlines():
         log.info(line)
     if not report.success:
         log_failure(all_params.tracking.experiment, out)
-        names = ", ".join(f"{f['expectation']}({f['column'] or ''}) on {f['suite']}" for f in report.failures)
-        raise StageError(f"{len(report.failures)} expectation(s) failed: {names}; report in {out / 'report.txt'}")
+        names = ", ".join(
+            f"{f['expectation']}({f['column'] or ''}) on {f['suite']}" for f in report.failures
+        )
+        raise StageError(
+            f"{len(report.failures)} expectation(s) failed: {names}; report in {out / 'report.txt'}"
+        )
 
 
 def log_failure(experiment: str, report_dir: Path) -> None:

@@ -1,0 +1,110 @@
+"""The pure pieces of train: the seeded split, the checkpoint key and the tf.data pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.config import Params, TrainParams
+from pipelines.data import Dataset
+from pipelines.train import checkpoint_key, make_dataset, select_images
+
+SOURCE = {"data_source": "mnist", "files": {"a.gz": "0" * 64}}
+
+
+@pytest.fixture
+def ids() -> tuple[np.ndarray, np.ndarray]:
+    """200 'images' whose single pixel is their index, so every item can be traced."""
+    return np.arange(200).reshape(200, 1, 1), np.arange(200) % 10
+
+
+def train_params(params: Params, **update) -> TrainParams:
+    return params.train.model_copy(update=update)
+
+
+@pytest.mark.parametrize(
+    ("max_images", "split", "n_fit", "n_val"),
+    [(0, 0.1, 180, 20), (100, 0.1, 90, 10), (60, 0.25, 45, 15), (1000, 0.5, 100, 100)],
+)
+def test_select_images_sizes(
+    params: Params, ids, max_images: int, split: float, n_fit: int, n_val: int
+) -> None:
+    images, labels = ids
+    x_fit, y_fit, x_val, y_val = select_images(
+        images, labels, train_params(params, max_images=max_images, validation_split=split)
+    )
+    assert (len(x_fit), len(y_fit), len(x_val), len(y_val)) == (n_fit, n_fit, n_val, n_val)
+
+
+def test_select_images_has_no_overlap_and_keeps_pairs(params: Params, ids) -> None:
+    # given
+    images, labels = ids
+    # when
+    x_fit, y_fit, x_val, y_val = select_images(images, labels, train_params(params, max_images=120))
+    # then fit and validation are disjoint and every label still belongs to its image
+    fit, val = x_fit.ravel(), x_val.ravel()
+    assert set(fit).isdisjoint(val)
+    assert len(set(fit)) == len(fit)
+    np.testing.assert_array_equal(y_fit, fit % 10)
+    np.testing.assert_array_equal(y_val, val % 10)
+
+
+def test_select_images_is_seeded(params: Params, ids) -> None:
+    images, labels = ids
+    first = select_images(images, labels, train_params(params, seed=5))
+    again = select_images(images, labels, train_params(params, seed=5))
+    other = select_images(images, labels, train_params(params, seed=6))
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[2], other[2])
+
+
+def test_checkpoint_key_moves_with_everything_that_defines_a_training(params: Params) -> None:
+    # given a reference key
+    key = checkpoint_key(params.train, params.augment, SOURCE)
+    # then it is short, stable, and changes with train params, model params, policy and data
+    assert len(key) == 16
+    assert checkpoint_key(params.train, params.augment, dict(SOURCE)) == key
+    changed = [
+        checkpoint_key(
+            train_params(params, epochs=params.train.epochs + 1), params.augment, SOURCE
+        ),
+        checkpoint_key(
+            train_params(params, model=params.train.model.model_copy(update={"dropout": 0.25})),
+            params.augment,
+            SOURCE,
+        ),
+        checkpoint_key(params.train, params.augment.model_copy(update={"shift": 0.2}), SOURCE),
+        checkpoint_key(params.train, params.augment, {"files": {"a.gz": "1" * 64}}),
+    ]
+    assert key not in changed
+    assert len(set(changed)) == len(changed)
+
+
+def test_make_dataset_yields_scaled_float_batches(tiny_dataset: Dataset) -> None:
+    # given 50 uint8 images
+    images, labels = tiny_dataset.x_train[:50], tiny_dataset.y_train[:50]
+    # when batched by 16
+    batches = [(x.numpy(), y.numpy()) for x, y in make_dataset(images, labels, batch_size=16)]
+    # then 16, 16, 16, 2 images of (28, 28, 1) float32 in [0, 1], labels int32, order kept
+    assert [len(x) for x, _ in batches] == [16, 16, 16, 2]
+    for x, y in batches:
+        assert x.dtype == np.float32 and x.shape[1:] == (28, 28, 1)
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        assert y.dtype == np.int32
+    x_all = np.concatenate([x for x, _ in batches])
+    np.testing.assert_allclose(x_all[..., 0], images / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels)
+
+
+def test_make_dataset_shuffles_reproducibly(tiny_dataset: Dataset) -> None:
+    images, labels = tiny_dataset.x_train[:40], np.arange(40)
+
+    def order(seed: int) -> list[int]:
+        ds = make_dataset(images, labels, batch_size=40, shuffle_seed=seed)
+        return next(iter(ds))[1].numpy().tolist()
+
+    first = order(3)
+    assert sorted(first) == list(range(40))
+    assert first != list(range(40))
+    assert order(3) == first
