@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run repro flow smoke test lint format ui clean-smoke
+.PHONY: help install run flow smoke test lint format ui bench clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,3 +52,6 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 
 clean-smoke: ## remove the smoke run's scratch copy
 	rm -rf .smoke
+
+bench: $(STAMP) ## benchmarks: augmentation on the fly vs precomputed (needs data/raw from `make run`)
+	$(BIN)/python -m benchmarks.augment_modes

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from pipelines.config import AugmentParams, load_params
-from pipelines.data import load_raw, write_json
+from pipelines.data import load_raw, save_figure, write_json
 
 log = logging.getLogger("pipelines.augment")
 
@@ -114,11 +114,7 @@ def preview_grid(images: np.ndarray, augmented: np.ndarray, path: Path) -> None:
             ax.set_title(title, fontsize=7)
     fig.suptitle("augment preview: original | augmented", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=80)
 
 
 def main() -> None:
@@ -133,7 +129,7 @@ def main() -> None:
     params = all_params.augment
     out = Path(args.out)
     write_json(out / "policy.json", params.model_dump())
-    data = load_raw(Path(args.raw), {k: v.name for k, v in all_params.ingest.files.items()})
+    data = load_raw(Path(args.raw), all_params.ingest.file_names)
     rng = np.random.default_rng(params.seed)
     pick = rng.choice(
         len(data.x_train), size=min(params.preview_images // 2, len(data.x_train)), replace=False

@@ -33,6 +33,11 @@ class IngestParams(Section):
     fallback_test_fraction: float = Field(gt=0, lt=1)
     fallback_seed: int
 
+    @property
+    def file_names(self) -> dict[str, str]:
+        """{"train_images": "train-images-idx3-ubyte.gz", ...}: what ``load_raw`` takes."""
+        return {key: spec.name for key, spec in self.files.items()}
+
 
 class ValidateParams(Section):
     image_shape: tuple[int, int]
@@ -76,10 +81,12 @@ class TrainParams(Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
+    lr_decay: float = Field(gt=0, le=1)  # per-epoch multiplier; 1 = off
     lr_factor: float = Field(gt=0, lt=1)
     lr_patience: int = Field(ge=0)
     min_learning_rate: float = Field(ge=0)
     early_stopping_patience: int = Field(ge=0)
+    bn_calibration_images: int = Field(ge=0)  # 0 = keep BatchNorm's training-time statistics
     model: ModelParams
 
 

@@ -109,6 +109,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_json(path: Path, payload: object) -> None:
     """Write pretty, key-sorted JSON atomically (stable bytes for DVC)."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import load_params
-from pipelines.data import atomic_write_text, load_raw, write_json
+from pipelines.data import atomic_write_text, load_raw, save_figure, write_json
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -134,11 +134,7 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
     ax.set_ylabel("true digit")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=90)
 
 
 def write_reports(result: Evaluation, y_true: np.ndarray, data_source: str, out: Path) -> dict:
@@ -189,7 +185,7 @@ def main() -> None:
     parser.add_argument("--out", default="data/reports")
     args = parser.parse_args()
     params = load_params(args.params)
-    data = load_raw(Path(args.raw), {k: v.name for k, v in params.ingest.files.items()})
+    data = load_raw(Path(args.raw), params.ingest.file_names)
     model_dir, out = Path(args.model), Path(args.out)
     model = keras.models.load_model(model_dir / "model.keras")
     probs = predict_probabilities(model, data.x_test, params.evaluate.batch_size)

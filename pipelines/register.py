@@ -202,7 +202,7 @@ def main() -> None:
     model_dir = Path(args.model)
     tracking.setup(params.tracking.experiment)
     run_id = tracking.read_run_id(model_dir / tracking.RUN_FILE)
-    data = load_raw(Path(args.raw), {k: v.name for k, v in params.ingest.files.items()})
+    data = load_raw(Path(args.raw), params.ingest.file_names)
     model = keras.models.load_model(model_dir / "model.keras")
     metrics = json.loads(Path(args.metrics).read_text())
     record = register_model(

@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--out", default="data/validation")
     args = parser.parse_args()
     all_params = load_params(args.params)
-    data = load_raw(Path(args.raw), {k: v.name for k, v in all_params.ingest.files.items()})
+    data = load_raw(Path(args.raw), all_params.ingest.file_names)
     log.info(
         "validating %d train and %d test images (%s)",
         len(data.x_train),

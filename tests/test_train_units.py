@@ -108,3 +108,37 @@ def test_make_dataset_shuffles_reproducibly(tiny_dataset: Dataset) -> None:
     assert sorted(first) == list(range(40))
     assert first != list(range(40))
     assert order(3) == first
+
+
+def test_recalibrate_batchnorm_sets_exact_statistics_of_clean_images():
+    import keras
+
+    from pipelines.config import ModelParams
+    from pipelines.model import build_model, to_model_input
+    from pipelines.train import recalibrate_batchnorm
+
+    # given a model whose BatchNorm statistics are the untrained defaults (mean 0, variance 1)
+    keras.utils.set_random_seed(1)
+    model = build_model(
+        ModelParams(conv1_filters=4, conv2_filters=4, kernel_size=3, dense_units=8, dropout=0.0)
+    )
+    images = np.random.default_rng(0).integers(0, 256, size=(300, 28, 28)).astype(np.uint8)
+    # when recalibrated in batches smaller than the image count
+    recalibrate_batchnorm(model, images, batch_size=128)
+    # then bn1 holds the exact per-channel mean and variance of conv1's output on those images
+    conv1 = keras.ops.convert_to_numpy(model.get_layer("conv1")(to_model_input(images)))
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bn1.moving_mean),
+        conv1.mean(axis=(0, 1, 2)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(bn1.moving_variance),
+        conv1.var(axis=(0, 1, 2)),
+        rtol=1e-3,
+        atol=1e-5,
+    )
+    # and bn2's statistics moved away from the defaults too
+    assert not np.allclose(keras.ops.convert_to_numpy(model.get_layer("bn2").moving_mean), 0.0)
