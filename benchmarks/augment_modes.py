@@ -24,7 +24,15 @@ from pipelines.augment import augment_batch, build_augmenter
 from pipelines.config import load_params
 from pipelines.data import load_raw
 from pipelines.model import build_model, to_model_input
-from pipelines.train import EpochProgress, make_dataset, select_images, train_model
+from pipelines.train import (
+    CleanBatchNorm,
+    EpochDecay,
+    EpochProgress,
+    make_dataset,
+    recalibrate_batchnorm,
+    select_images,
+    train_model,
+)
 
 
 def precomputed_run(params, policy, x, y, x_test, y_test):
@@ -49,7 +57,19 @@ def precomputed_run(params, policy, x, y, x_test, y_test):
         metrics=["accuracy"],
     )
     val_ds = make_dataset(x_val, y_val, params.batch_size)
-    progress = EpochProgress(params.epochs)
+    calibration = x_fit[: params.bn_calibration_images]
+    # The same learning-rate and BatchNorm treatment as train_model, so only the augmentation differs.
+    callbacks = [
+        CleanBatchNorm(model, calibration),
+        EpochDecay(params.lr_decay),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=params.lr_factor,
+            patience=params.lr_patience,
+            min_lr=params.min_learning_rate,
+        ),
+        EpochProgress(params.epochs),
+    ]
     epoch_times = []
     for epoch, images in enumerate(copies):
         ds = make_dataset(images, y_fit, params.batch_size, shuffle_seed=params.seed + epoch)
@@ -60,9 +80,10 @@ def precomputed_run(params, policy, x, y, x_test, y_test):
             initial_epoch=epoch,
             epochs=epoch + 1,
             verbose=0,
-            callbacks=[progress],
+            callbacks=callbacks,
         )
         epoch_times.append(time.perf_counter() - t0)
+    recalibrate_batchnorm(model, calibration)
     acc = test_accuracy(model, x_test, y_test)
     return precompute_s, epoch_times, acc
 

@@ -93,7 +93,7 @@ def training(root: str | None = None, force: bool = False, smoke: bool = False) 
     for spec in stage_order(workdir):
         stage_task = run_stage.with_options(name=f"stage-{spec.name}", retries=spec.retries)
         done.append(stage_task(spec.name, str(workdir), force))
-    logger.info("stages run: %s", ", ".join(done))
+    logger.info("stages checked in order (DVC skipped those up to date): %s", ", ".join(done))
     return done
 
 
