@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui bench clean-smoke
+.PHONY: help install run flow smoke test lint format ui bench bench-augment clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,5 +53,8 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 clean-smoke: ## remove the smoke run's scratch copy
 	rm -rf .smoke
 
-bench: $(STAMP) ## benchmarks: augmentation on the fly vs precomputed (needs data/raw from `make run`)
+bench: $(STAMP) ## benchmark: training throughput vs the seed recipe, median of 3 (needs data/raw from `make run`)
+	$(BIN)/python -m benchmarks.speed
+
+bench-augment: $(STAMP) ## benchmark: augmentation on the fly vs precomputed
 	$(BIN)/python -m benchmarks.augment_modes

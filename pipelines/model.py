@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pipelines.config import ModelParams
 
@@ -16,17 +17,50 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, dtype=np.float32) / 255.0)[..., np.newaxis]
 
 
-def build_model(params: ModelParams) -> keras.Model:
-    """Conv-BN-Pool x2, Dense, Dropout, softmax. Uncompiled; the caller picks the optimiser."""
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose training step is TensorFlow's fused kernel (FusedBatchNormV3).
+
+    Same maths as the stock layer: normalise with the batch mean and (biased) variance, scale by
+    gamma, shift by beta, and move the moving statistics by ``1 - momentum`` towards the batch's.
+    tf.keras 2 used this kernel by default; Keras 3 computes BatchNorm from a dozen separate ops,
+    which made it the most expensive part of our training step (benchmarks/speed.py). Used only
+    while training: ``serving_copy`` turns a model back into stock layers with the same weights.
+    """
+
+    def call(self, inputs, training: bool = False):
+        if not training or self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4:
+            return super().call(inputs, training=training)
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=self.gamma,
+            offset=self.beta,
+            mean=self.moving_mean,
+            variance=self.moving_variance,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0 - self.momentum,  # returns the updated moving statistics
+            data_format="NHWC",
+            is_training=True,
+        )
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        return outputs
+
+
+def build_model(params: ModelParams, fused_batchnorm: bool = False) -> keras.Model:
+    """Conv-BN-Pool x2, Dense, Dropout, softmax. Uncompiled; the caller picks the optimiser.
+
+    ``fused_batchnorm=True`` builds the training variant (same weights, faster BatchNorm step).
+    """
     k = params.kernel_size
+    batchnorm = FusedBatchNormalization if fused_batchnorm else keras.layers.BatchNormalization
     return keras.Sequential(
         [
             keras.Input(shape=INPUT_SHAPE),  # (N, 28, 28, 1) float32 in [0, 1]
             keras.layers.Conv2D(params.conv1_filters, k, activation="relu", name="conv1"),
-            keras.layers.BatchNormalization(name="bn1"),
+            batchnorm(name="bn1"),
             keras.layers.MaxPooling2D(name="pool1"),  # (N, 13, 13, conv1_filters)
             keras.layers.Conv2D(params.conv2_filters, k, activation="relu", name="conv2"),
-            keras.layers.BatchNormalization(name="bn2"),
+            batchnorm(name="bn2"),
             keras.layers.MaxPooling2D(name="pool2"),  # (N, 5, 5, conv2_filters)
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(params.dense_units, activation="relu", name="dense"),
@@ -35,3 +69,10 @@ def build_model(params: ModelParams) -> keras.Model:
         ],
         name="mnist_cnn",
     )
+
+
+def serving_copy(model: keras.Model, params: ModelParams) -> keras.Model:
+    """The same network and weights in stock Keras layers only, for saving, export and serving."""
+    copy = build_model(params)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -22,7 +22,7 @@ import tensorflow as tf
 from pipelines.augment import build_augmenter
 from pipelines.config import AugmentParams, TrainParams, load_params
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
-from pipelines.model import INPUT_SHAPE, build_model, to_model_input
+from pipelines.model import INPUT_SHAPE, build_model, serving_copy, to_model_input
 
 log = logging.getLogger("pipelines.train")
 
@@ -87,36 +87,63 @@ class EpochDecay(keras.callbacks.Callback):
             lr.assign(lr * self.factor)
 
 
-def recalibrate_batchnorm(
-    model: keras.Sequential, images: np.ndarray, batch_size: int = 1000
-) -> None:
-    """Set each BatchNormalization's moving mean and variance to the exact statistics of ``images``.
+class BatchNormCalibrator:
+    """Sets each BatchNormalization's moving mean and variance to the exact statistics of clean images.
 
     Training sees augmented digits, so BatchNorm's moving statistics describe augmented inputs,
     while evaluation and serving see clean ones ("precise BN", Wu & Johnson 2021). Measured on
     the full run: test accuracy 99.19% -> 99.39% from this step alone, same weights.
 
+    The layers up to each BatchNorm run as one compiled function (built once, reused every epoch);
+    per-batch moments are pooled in float64. Layers are calibrated in order, each on the output of the
+    already-calibrated ones before it.
+
     Args:
         model: the Sequential CNN from ``build_model`` (no augmentation layers).
         images: (N, 28, 28) uint8 clean training images.
     """
-    for index, layer in enumerate(model.layers):
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        total = total_sq = 0.0
-        count = 0
-        for start in range(0, len(images), batch_size):
-            h = to_model_input(images[start : start + batch_size])  # (B, 28, 28, 1) float32
-            for earlier in model.layers[:index]:
-                h = earlier(h, training=False)
-            h = keras.ops.convert_to_numpy(h).astype(np.float64)  # (B, H, W, C)
-            flat = h.reshape(-1, h.shape[-1])
-            total = total + flat.sum(axis=0)
-            total_sq = total_sq + np.square(flat).sum(axis=0)
-            count += len(flat)
-        mean = total / count
-        layer.moving_mean.assign(mean.astype(np.float32))
-        layer.moving_variance.assign(np.maximum(total_sq / count - mean**2, 0.0).astype(np.float32))
+
+    def __init__(self, model: keras.Sequential, images: np.ndarray, batch_size: int = 1000):
+        self.model = model
+        self.batches = [
+            tf.constant(to_model_input(images[start : start + batch_size]))
+            for start in range(0, len(images), batch_size)
+        ]
+        self.steps = [
+            (layer, self._moments_through(model.layers[:index]))
+            for index, layer in enumerate(model.layers)
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+
+    @staticmethod
+    def _moments_through(head: list[keras.layers.Layer]):
+        @tf.function(reduce_retracing=True)
+        def moments(x):
+            for layer in head:
+                x = layer(x, training=False)
+            mean, variance = tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))  # per channel
+            return mean, variance, tf.reduce_prod(tf.shape(x)[:-1])
+
+        return moments
+
+    def __call__(self) -> None:
+        for layer, moments in self.steps:
+            # Per-batch float32 moments, pooled exactly in float64: E[x] and E[x^2] over all batches.
+            parts = [moments(batch) for batch in self.batches]
+            counts = np.array([float(n) for _, _, n in parts])[:, None]  # (batches, 1)
+            means = np.stack([m.numpy() for m, _, _ in parts]).astype(np.float64)  # (batches, C)
+            squares = np.stack([v.numpy() for _, v, _ in parts]).astype(np.float64) + means**2
+            mean = (counts * means).sum(axis=0) / counts.sum()
+            variance = np.maximum((counts * squares).sum(axis=0) / counts.sum() - mean**2, 0.0)
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign(variance.astype(np.float32))
+
+
+def recalibrate_batchnorm(
+    model: keras.Sequential, images: np.ndarray, batch_size: int = 1000
+) -> None:
+    """One-off ``BatchNormCalibrator(model, images, batch_size)()``."""
+    BatchNormCalibrator(model, images, batch_size)()
 
 
 class CleanBatchNorm(keras.callbacks.Callback):
@@ -125,10 +152,10 @@ class CleanBatchNorm(keras.callbacks.Callback):
 
     def __init__(self, model: keras.Sequential, images: np.ndarray):
         super().__init__()
-        self.cnn, self.images = model, images
+        self.calibrate = BatchNormCalibrator(model, images)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
-        recalibrate_batchnorm(self.cnn, self.images)
+        self.calibrate()
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -181,7 +208,7 @@ def train_model(
     train_ds = make_dataset(x_fit, y_fit, params.batch_size, shuffle_seed=params.seed)
     val_ds = make_dataset(x_val, y_val, params.batch_size)
 
-    model = build_model(params.model)
+    model = build_model(params.model, fused_batchnorm=True)
     # Augmentation runs as the first layers of the graph being fitted (active only in training, on
     # whatever device trains), and shares its weights with `model`, which alone is saved: the
     # exported model never carries augmentation layers.
@@ -213,10 +240,11 @@ def train_model(
         ),
         EpochProgress(params.epochs, on_epoch),
     ]
-    calibration = x_fit[: params.bn_calibration_images]
-    if len(calibration):
+    clean_bn = None
+    if params.bn_calibration_images:
         # Before EarlyStopping and the LR callbacks read val_loss (they act at epoch end; this at test begin).
-        callbacks.insert(0, CleanBatchNorm(model, calibration))
+        clean_bn = CleanBatchNorm(model, x_fit[: params.bn_calibration_images])
+        callbacks.insert(0, clean_bn)
     if backup_dir is not None:
         # Saves model, optimiser and epoch after every epoch and restores them on a rerun;
         # deletes its files once fit() completes. (The LR-plateau and early-stopping counters
@@ -239,10 +267,10 @@ def train_model(
         verbose=0,
         shuffle=False,
     )
-    if len(calibration):
-        recalibrate_batchnorm(model, calibration)
+    if clean_bn is not None:
+        clean_bn.calibrate()  # the restored best weights get their clean statistics too
     return TrainResult(
-        model=model,
+        model=serving_copy(model, params.model),
         history={k: [float(v) for v in vals] for k, vals in history.history.items()},
         seconds=time.perf_counter() - start,
     )

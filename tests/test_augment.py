@@ -8,7 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from pipelines.augment import RandomIntensity, augment_batch, build_augmenter, preview_grid
+from pipelines.augment import (
+    RandomAffine,
+    RandomIntensity,
+    augment_batch,
+    build_augmenter,
+    preview_grid,
+)
 from pipelines.config import AugmentParams, Params
 from pipelines.data import Dataset
 from pipelines.model import to_model_input
@@ -57,7 +63,8 @@ def test_full_policy_changes_images_in_training_only(params: Params, batch: np.n
     policy: AugmentParams = params.augment
     assert policy.enabled and policy.rotation_deg and policy.noise_std
     augmenter = build_augmenter(policy, seed=3)
-    assert len(augmenter.layers) == 6  # rotation, translation, zoom, brightness, noise, clip
+    # rotation, shift and zoom are one resampling
+    assert [layer.name for layer in augmenter.layers] == ["affine", "brightness", "noise", "clip"]
     # when applied in training mode
     trained = augment_batch(augmenter, batch)
     # then the shape is kept, values stay in [0, 1], and the images did change
@@ -67,6 +74,80 @@ def test_full_policy_changes_images_in_training_only(params: Params, batch: np.n
     # and in inference mode the images pass through (the clip is a no-op on [0, 1])
     inferred = as_numpy(augmenter(batch, training=False))
     np.testing.assert_allclose(inferred, batch, atol=1e-6)
+
+
+def moments(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: centre of mass (x, y) in pixels, and the ink's spread (RMS distance from it)."""
+    img = images[..., 0]
+    ys, xs = np.mgrid[: img.shape[1], : img.shape[2]]
+    mass = img.sum(axis=(1, 2))
+    cx = (img * xs).sum(axis=(1, 2)) / mass
+    cy = (img * ys).sum(axis=(1, 2)) / mass
+    spread = np.sqrt(
+        (img * ((xs - cx[:, None, None]) ** 2 + (ys - cy[:, None, None]) ** 2)).sum(axis=(1, 2))
+        / mass
+    )
+    return np.stack([cx, cy], axis=1), spread
+
+
+def test_random_affine_shift_moves_the_ink_by_the_drawn_offset(batch: np.ndarray) -> None:
+    # given a shift-only transform, with the offsets it will draw known in advance
+    layer = RandomAffine(0.0, 0.1, 1.0, 1.0, seed=5)
+    expected = keras.ops.convert_to_numpy(
+        RandomAffine(0.0, 0.1, 1.0, 1.0, seed=5).transforms(16, 28, 28)
+    )
+    # when
+    out = as_numpy(layer(batch, training=True))
+    # then every digit's centre of mass moved by the drawn offset (inverse map: input = output + a2)
+    before, _ = moments(batch)
+    after, _ = moments(out)
+    moved = after - before
+    np.testing.assert_allclose(moved[:, 0], -expected[:, 2], atol=0.35)
+    np.testing.assert_allclose(moved[:, 1], -expected[:, 5], atol=0.35)
+    assert np.abs(moved).max() > 1.0  # up to 2.8 pixels: the test would notice no shift at all
+
+
+def test_random_affine_zoom_and_rotation_act_about_the_centre() -> None:
+    # given a centred ring of ink
+    ys, xs = np.mgrid[:28, :28]
+    radius = np.hypot(xs - 13.5, ys - 13.5)
+    ring = ((radius > 5) & (radius < 7)).astype(np.float32)[None, :, :, None].repeat(4, axis=0)
+    _, spread = moments(ring)
+    # when zoomed by exactly 1.1 (no rotation, no shift)
+    zoomed = as_numpy(RandomAffine(0.0, 0.0, 1.1, 1.1, seed=0)(ring, training=True))
+    # then the ink spreads 1.1x around the same centre
+    centre, zoomed_spread = moments(zoomed)
+    np.testing.assert_allclose(zoomed_spread / spread, 1.1, atol=0.02)
+    np.testing.assert_allclose(centre, 13.5, atol=0.05)
+    # and a rotation about the centre keeps the ring where it was
+    rotated = as_numpy(RandomAffine(10.0, 0.0, 1.0, 1.0, seed=0)(ring, training=True))
+    centre, rotated_spread = moments(rotated)
+    np.testing.assert_allclose(centre, 13.5, atol=0.05)
+    np.testing.assert_allclose(rotated_spread, spread, rtol=0.02)
+    # and at inference the layer is the identity
+    np.testing.assert_array_equal(as_numpy(RandomAffine(10.0, 0.1, 0.9, 1.1)(ring)), ring)
+
+
+def test_random_affine_rotates_by_the_drawn_angle_within_the_range() -> None:
+    # given horizontal bars through the centre, and the angles the layer will draw
+    bars = np.zeros((16, 28, 28, 1), dtype=np.float32)
+    bars[:, 13:15, 4:24] = 1.0
+    drawn = keras.ops.convert_to_numpy(
+        RandomAffine(10.0, 0.0, 1.0, 1.0, seed=9).transforms(16, 28, 28)
+    )
+    angles = np.degrees(np.arctan2(drawn[:, 1], drawn[:, 0]))
+    # when
+    out = as_numpy(RandomAffine(10.0, 0.0, 1.0, 1.0, seed=9)(bars, training=True))[..., 0]
+    # then each bar's principal axis turned by the drawn angle, and no angle exceeds 10 degrees
+    ys, xs = np.mgrid[:28, :28]
+    for image, angle in zip(out, angles, strict=True):
+        w = image / image.sum()
+        mx, my = (w * xs).sum(), (w * ys).sum()
+        cxx, cyy = (w * (xs - mx) ** 2).sum(), (w * (ys - my) ** 2).sum()
+        cxy = (w * (xs - mx) * (ys - my)).sum()
+        axis = np.degrees(0.5 * np.arctan2(2 * cxy, cxx - cyy))
+        assert abs(abs(axis) - abs(angle)) < 0.5
+    assert np.abs(angles).max() <= 10.0 and np.abs(angles).max() > 5.0
 
 
 def test_random_intensity_keeps_background_at_zero() -> None:

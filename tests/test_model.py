@@ -57,3 +57,55 @@ def test_to_model_input_scales_and_adds_a_channel() -> None:
     assert x.dtype == np.float32
     assert x.min() == 0.0 and x.max() == 1.0
     assert x[2, 0, 0, 0] == np.float32(51 / 255)
+
+
+def test_fused_batchnorm_is_the_same_maths_as_the_stock_layer(params: Params) -> None:
+    import keras
+    import tensorflow as tf
+
+    # given the stock model and the fused training variant with the same weights
+    stock = build_model(params.train.model)
+    fused = build_model(params.train.model, fused_batchnorm=True)
+    fused.set_weights(stock.get_weights())
+    x = tf.constant(np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32))
+    y = tf.constant(np.arange(32) % 10)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+    def step(model: keras.Model):
+        with tf.GradientTape() as tape:
+            # Everything in training mode except Dropout, whose random masks would differ.
+            h = x
+            for layer in model.layers:
+                h = layer(h, training=not isinstance(layer, keras.layers.Dropout))
+            loss = loss_fn(y, h)
+        return loss, tape.gradient(loss, model.trainable_weights)
+
+    # when one training-mode pass runs through each
+    stock_loss, stock_grads = step(stock)
+    fused_loss, fused_grads = step(fused)
+    # then the loss, every gradient and the updated moving statistics agree
+    np.testing.assert_allclose(float(fused_loss), float(stock_loss), rtol=1e-5)
+    for a, b in zip(stock_grads, fused_grads, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5)
+    for name in ("bn1", "bn2"):
+        for attr in ("moving_mean", "moving_variance"):
+            before = getattr(stock.get_layer(name), attr).numpy()
+            after = getattr(fused.get_layer(name), attr).numpy()
+            assert not np.allclose(before, 0.0 if attr == "moving_mean" else 1.0)  # it did move
+            # the fused kernel uses n/(n-1) for the moving variance; n >= 32*5*5 here
+            np.testing.assert_allclose(after, before, rtol=2e-3, atol=1e-6)
+
+
+def test_serving_copy_has_stock_layers_and_the_same_predictions(
+    params: Params, tiny_dataset: Dataset
+) -> None:
+    from pipelines.model import FusedBatchNormalization, serving_copy
+
+    # given a training variant
+    fused = build_model(params.train.model, fused_batchnorm=True)
+    # when copied for serving
+    copy = serving_copy(fused, params.train.model)
+    # then no custom layer is left, and predictions are identical
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in copy.layers)
+    x = to_model_input(tiny_dataset.x_test[:8])
+    np.testing.assert_array_equal(copy.predict(x, verbose=0), fused.predict(x, verbose=0))

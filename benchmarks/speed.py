@@ -1,0 +1,147 @@
+"""Benchmark: training throughput of the project's training path against the seed article's recipe.
+
+Baseline: SEED, benchmarks/seed_recipe.py (stock Keras layers, `model.fit` on NumPy arrays,
+batch 128, 20% validation split, TensorFlow's default runtime settings on this machine).
+Compared: PROJECT, pipelines.train.train_model with params.yaml's model and augmentation policy
+(tf.data input, one fused affine augmentation, fused BatchNorm kernel, oneDNN), and the same
+path with oneDNN forced off, to separate the runtime setting from the code changes.
+
+Each mode trains the same model for the same number of epochs on the same slice, in a fresh
+process, modes interleaved, ``--repeats`` times. Throughput is training images per epoch times
+epochs over the summed epoch wall time (validation and every callback included). Printed: the
+median of the repeats per mode, its ratio to the seed recipe, and each mode's test accuracy.
+
+    python -m benchmarks.speed --images 12000 --epochs 3 --repeats 3
+"""
+
+from __future__ import annotations
+
+import os
+
+# Captured before `pipelines` is imported (it switches oneDNN on by default): the seed recipe runs
+# with the environment exactly as the user has it.
+USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+MODES = {
+    # name: (command after `python -m`, TF_ENABLE_ONEDNN_OPTS for the child; None = as the user has it)
+    "seed recipe (baseline)": ("benchmarks.seed_recipe", None),
+    "project, oneDNN off": ("benchmarks.speed --worker", "0"),
+    "project": ("benchmarks.speed --worker", "1"),
+}
+
+
+def worker(data_path: str, epochs: int) -> None:
+    """Train with the project's path on the slice and print the same JSON line as seed_recipe."""
+    from pipelines.config import load_params
+    from pipelines.model import to_model_input
+    from pipelines.train import select_images, train_model
+
+    params = load_params()
+    data = np.load(data_path)
+    train = params.train.model_copy(
+        update={"epochs": epochs, "early_stopping_patience": epochs, "max_images": 0}
+    )
+    seconds: list[float] = []
+    result = train_model(
+        train,
+        params.augment,
+        data["x_train"],
+        data["y_train"],
+        on_epoch=lambda epoch, metrics: seconds.append(metrics["epoch_seconds"]),
+    )
+    probs = result.model.predict(to_model_input(data["x_test"]), batch_size=1000, verbose=0)
+    fit_images = len(select_images(data["x_train"], data["y_train"], train)[0])
+    print(
+        json.dumps(
+            {
+                "epoch_seconds": seconds,
+                "train_images": fit_images,
+                "test_accuracy": float((probs.argmax(axis=1) == data["y_test"]).mean()),
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_mode(command: str, onednn: str | None, data_path: str, epochs: int) -> dict:
+    env = dict(os.environ)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    value = onednn if onednn is not None else USER_ONEDNN
+    if value is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = value
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = [sys.executable, "-m", *command.split(), "--data", data_path, "--epochs", str(epochs)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark mode {command!r} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["images_per_second"] = (
+        result["train_images"] * len(result["epoch_seconds"]) / sum(result["epoch_seconds"])
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=12000, help="training images in the slice")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.data, args.epochs)
+        return
+
+    from pipelines.config import load_params
+    from pipelines.data import load_raw
+
+    data = load_raw(args.raw, load_params().ingest.file_names)
+    pick = np.random.default_rng(0).permutation(len(data.x_train))[: args.images]
+    results: dict[str, list[dict]] = {name: [] for name in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = str(Path(tmp) / "slice.npz")
+        np.savez(
+            data_path,
+            x_train=data.x_train[pick],
+            y_train=data.y_train[pick],
+            x_test=data.x_test,
+            y_test=data.y_test,
+        )
+        for repeat in range(args.repeats):
+            for name, (command, onednn) in MODES.items():
+                r = run_mode(command, onednn, data_path, args.epochs)
+                results[name].append(r)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats}  {name:24} {r['images_per_second']:7.0f} img/s"
+                    f"  epochs {[round(s, 1) for s in r['epoch_seconds']]} s"
+                    f"  test acc {r['test_accuracy']:.4f}",
+                    flush=True,
+                )
+    base = statistics.median(r["images_per_second"] for r in results["seed recipe (baseline)"])
+    print(
+        f"\n{args.images} images ({data.data_source}), {args.epochs} epochs, "
+        f"median of {args.repeats} repeats; ratio = throughput / seed recipe's"
+    )
+    print(
+        f"{'mode':24} {'train img/epoch':>15} {'img/s':>7} {'ratio':>6} {'test acc (median)':>18}"
+    )
+    for name, runs in results.items():
+        ips = statistics.median(r["images_per_second"] for r in runs)
+        acc = statistics.median(r["test_accuracy"] for r in runs)
+        print(f"{name:24} {runs[0]['train_images']:15d} {ips:7.0f} {ips / base:5.2f}x {acc:18.4f}")
+
+
+if __name__ == "__main__":
+    main()
