@@ -90,6 +90,65 @@ class TrainParams(Section):
     model: ModelParams
 
 
+class SearchDim(Section):
+    """One tuned setting: ``choices``, or a ``low``..``high`` range (ints give an int range).
+
+    ``log`` samples the range on a log scale (learning rates); ``step`` quantises it.
+    """
+
+    choices: list[int | float | str | bool] | None = Field(default=None, min_length=1)
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDim:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+        elif self.low is None or self.high is None:
+            raise ValueError("give choices, or both low and high")
+        elif not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (found {self.low})")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+class TuneParams(Section):
+    enabled: bool  # false: train uses params.yaml as it is
+    study_name: str  # a hash of everything that defines the study is appended
+    storage: str  # Optuna storage URL; "" = sqlite file data/tune/study.db
+    metric: Literal[
+        "val_accuracy", "val_loss"
+    ]  # what a trial maximises (accuracy) or minimises (loss)
+    n_trials: int = Field(ge=1)  # finished (complete or pruned) trials, across resumes
+    timeout_s: float = Field(ge=0)  # wall-clock budget of one tuning run; 0 = none
+    trial_images: int = Field(
+        ge=0
+    )  # training images per trial (validation split included); 0 = all
+    trial_epochs: int = Field(ge=1)
+    sampler_seed: int
+    pruner: Literal["median", "hyperband", "none"]
+    pruner_startup_trials: int = Field(ge=0)  # median: trials that are never pruned
+    pruner_warmup_epochs: int = Field(ge=0)  # median: epochs before a trial can be pruned
+    heartbeat_s: int = Field(ge=1)  # a trial whose process stops beating this long ...
+    grace_s: int = Field(ge=1)  # ... plus this grace is failed, and retried on the next run
+    space: dict[str, SearchDim]
+
+    @model_validator(mode="after")
+    def _space_keys(self) -> TuneParams:
+        for key in self.space:
+            if key.split(".")[0] not in ("train", "augment"):
+                raise ValueError(f"space key {key!r} must start with 'train.' or 'augment.'")
+        return self
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     top_confused_pairs: int = Field(ge=1)
@@ -111,6 +170,7 @@ class Params(Section):
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     augment: AugmentParams
+    tune: TuneParams
     train: TrainParams
     evaluate: EvaluateParams
     register_: RegisterParams = Field(alias="register")
@@ -127,6 +187,21 @@ class Params(Section):
     def register(self) -> RegisterParams:  # type: ignore[override]
         return self.register_
 
+    @model_validator(mode="after")
+    def _space_names_real_settings(self) -> Params:
+        # A tuned key must name an existing number in its section, so a typo fails here, not
+        # after an hour of trials.
+        sections = {"train": self.train.model_dump(), "augment": self.augment.model_dump()}
+        for key in self.tune.space:
+            node: Any = sections
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"tune.space: {key!r} is not a setting in params.yaml")
+                node = node[part]
+            if isinstance(node, dict):
+                raise ValueError(f"tune.space: {key!r} is a section, not a single setting")
+        return self
+
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
@@ -141,6 +216,41 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.model.dropout": 0.3} -> {"train": {"model": {"dropout": 0.3}}}."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def apply_overrides(
+    params: Params, policy: AugmentParams, dotted: dict[str, Any]
+) -> tuple[Params, AugmentParams]:
+    """``params`` and the augment ``policy`` with dotted ``train.*``/``augment.*`` overrides (the
+    tune stage's best trial) applied and validated again."""
+    nested = nest(dotted)
+    unknown = set(nested) - {"train", "augment"}
+    if unknown:
+        raise ParamsError(
+            f"overrides may only touch train.* and augment.*, found {sorted(unknown)}"
+        )
+    try:
+        train = TrainParams.model_validate(
+            deep_merge(params.train.model_dump(), nested.get("train", {}))
+        )
+        policy = AugmentParams.model_validate(
+            deep_merge(policy.model_dump(), nested.get("augment", {}))
+        )
+    except ValidationError as exc:
+        raise ParamsError(f"tuned overrides {dotted} are invalid: {exc}") from None
+    return params.model_copy(update={"train": train}), policy
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.augment import build_augmenter
-from pipelines.config import AugmentParams, TrainParams, load_params
+from pipelines.config import AugmentParams, TrainParams, apply_overrides, load_params
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
 from pipelines.model import INPUT_SHAPE, build_model, serving_copy, to_model_input
 
@@ -201,8 +201,13 @@ def train_model(
     labels: np.ndarray,
     on_epoch: EpochHook | None = None,
     backup_dir: Path | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainResult:
-    """Fit the CNN. ``backup_dir`` enables per-epoch checkpoints that a rerun resumes from."""
+    """Fit the CNN. ``backup_dir`` enables per-epoch checkpoints that a rerun resumes from.
+
+    ``callbacks`` run after the built-in ones, so they see clean-BatchNorm validation metrics
+    (the tune stage's pruning callback).
+    """
     keras.utils.set_random_seed(params.seed)
     x_fit, y_fit, x_val, y_val = select_images(images, labels, params)
     train_ds = make_dataset(x_fit, y_fit, params.batch_size, shuffle_seed=params.seed)
@@ -223,7 +228,8 @@ def train_model(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    callbacks: list[keras.callbacks.Callback] = [
+    extra_callbacks = list(callbacks or [])
+    callbacks = [
         EpochDecay(params.lr_decay),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss",
@@ -239,6 +245,7 @@ def train_model(
             verbose=0,
         ),
         EpochProgress(params.epochs, on_epoch),
+        *extra_callbacks,
     ]
     clean_bn = None
     if params.bn_calibration_images:
@@ -298,6 +305,9 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--raw", default="data/raw")
     parser.add_argument("--policy", default="data/augment/policy.json")
+    parser.add_argument(
+        "--best-params", default="data/tune/best_params.json", help="the tune stage's overrides"
+    )
     parser.add_argument("--preview", default="data/augment/preview.png")
     parser.add_argument("--validation-report", default="data/validation/report.json")
     parser.add_argument("--checkpoints", default="data/checkpoints")
@@ -306,6 +316,17 @@ def main() -> None:
 
     params = load_params(args.params)
     policy = AugmentParams.model_validate_json(Path(args.policy).read_text())
+    tuned = json.loads(Path(args.best_params).read_text())
+    if tuned["overrides"]:
+        params, policy = apply_overrides(params, policy, tuned["overrides"])
+        log.info(
+            "using trial %d of study %s: %s",
+            tuned["best_trial"],
+            tuned["study"],
+            tuned["overrides"],
+        )
+    else:
+        log.info("no tuned overrides (%s): params.yaml as it is", args.best_params)
     raw = Path(args.raw)
     data = load_raw(raw, params.ingest.file_names)
     source_record = json.loads((raw / SOURCE_FILE).read_text())

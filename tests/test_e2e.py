@@ -12,7 +12,7 @@ from tests.e2e_support import client_for, run_in, scratch_repo, stages_run, trac
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["ingest", "validate", "augment", "train", "evaluate", "register"]
+STAGES = ["ingest", "validate", "augment", "tune", "train", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")

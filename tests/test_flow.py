@@ -30,6 +30,7 @@ def test_stage_order_comes_from_dvc_yaml():
         names.index("ingest")
         < names.index("validate")
         < names.index("augment")
+        < names.index("tune")
         < names.index("train")
     )
     assert names.index("train") < names.index("evaluate") < names.index("register")
@@ -46,7 +47,15 @@ def test_flow_runs_all_stages_and_writes_the_same_lock(prefect_harness, tmp_path
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     state = training(root=str(workdir), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result() == ["ingest", "validate", "augment", "train", "evaluate", "register"]
+    assert state.result() == [
+        "ingest",
+        "validate",
+        "augment",
+        "tune",
+        "train",
+        "evaluate",
+        "register",
+    ]
 
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(state.result())

@@ -1,0 +1,335 @@
+"""Stage tune: an Optuna study (TPE sampler, median or Hyperband pruner) over the `tune.space` params.
+
+Each trial trains the project's CNN (``train_model``, the same code train runs) on a slice of the
+training set for a few epochs, reports its validation metric every epoch to the pruner, and is a
+nested MLflow run under one parent tuning run. The study lives in sqlite (or any Optuna storage
+URL), named by a hash of everything that defines it, so a killed run resumes where it stopped and a
+changed search space starts a new study. Writes ``best_params.json``: the overrides train applies
+on top of params.yaml (none when tuning is switched off).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from pipelines.config import AugmentParams, Params, SearchDim, apply_overrides, load_params
+from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw, save_figure, write_json
+
+log = logging.getLogger("pipelines.tune")
+
+BEST_FILE = "best_params.json"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def study_key(params: Params, source_record: dict) -> str:
+    """A short hash of what defines the study: tune and train settings, augmentation, data."""
+    blob = json.dumps(
+        {
+            "tune": params.tune.model_dump(exclude={"storage", "timeout_s", "n_trials"}),
+            # what a trial uses of train (dvc.yaml lists the same keys for the tune stage)
+            "train": params.train.model_dump(
+                exclude={"epochs", "max_images", "early_stopping_patience"}
+            ),
+            "augment": params.augment.model_dump(),
+            "data": source_record.get("files"),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def suggest(trial: optuna.Trial, key: str, dim: SearchDim) -> Any:
+    """Draw one setting from its search dimension."""
+    if dim.choices is not None:
+        return trial.suggest_categorical(key, dim.choices)
+    if dim.is_int:
+        return trial.suggest_int(key, dim.low, dim.high, step=int(dim.step or 1), log=dim.log)
+    return trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+def make_pruner(params) -> optuna.pruners.BasePruner:
+    if params.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=params.pruner_startup_trials,
+            n_warmup_steps=params.pruner_warmup_epochs,
+        )
+    if params.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=params.trial_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(params: Params, name: str, storage_url: str) -> optuna.Study:
+    """Create or load the study; a trial whose process died is failed after the heartbeat grace
+    period and re-queued once with the same settings."""
+    tune = params.tune
+    storage = optuna.storages.RDBStorage(
+        storage_url,
+        heartbeat_interval=tune.heartbeat_s,
+        grace_period=tune.grace_s,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=optuna.samplers.TPESampler(seed=tune.sampler_seed),
+        pruner=make_pruner(tune),
+        direction="maximize" if tune.metric == "val_accuracy" else "minimize",
+        load_if_exists=True,
+    )
+
+
+def best_of(history: dict[str, list[float]], metric: str) -> float:
+    values = history[metric]
+    return float(max(values) if metric == "val_accuracy" else min(values))
+
+
+def summarise(study: optuna.Study) -> dict[str, Any]:
+    states = [t.state for t in study.trials]
+    count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
+    summary: dict[str, Any] = {
+        "study": study.study_name,
+        "trials_finished": count["complete"] + count["pruned"],
+        "trials_complete": count["complete"],
+        "trials_pruned": count["pruned"],
+        "trials_failed": count["fail"],
+    }
+    if count["complete"]:
+        best = study.best_trial
+        summary.update(best_trial=best.number, best_value=best.value)
+    return summary
+
+
+def trials_table(study: optuna.Study) -> str:
+    keys = sorted({k for t in study.trials for k in t.params})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["number", "state", "value", "epochs", *keys])
+    for t in study.trials:
+        writer.writerow(
+            [
+                t.number,
+                t.state.name,
+                "" if t.value is None else f"{t.value:.6f}",
+                len(t.intermediate_values),
+                *(t.params.get(k, "") for k in keys),
+            ]
+        )
+    return out.getvalue()
+
+
+def save_plots(study: optuna.Study, out: Path) -> list[Path]:
+    """Optimisation history and parameter importances as PNGs (importances need 2+ complete trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    paths = []
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True) for t in complete}) >= 2:
+        plots.append(("param_importances.png", ovm.plot_param_importances))
+    for name, plot in plots:
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances with one distinct value
+            log.warning("skipped %s: %s", name, exc)
+            continue
+        save_figure(ax.figure, out / name)
+        paths.append(out / name)
+    return paths
+
+
+def run_study(
+    params: Params,
+    policy: AugmentParams,
+    images: np.ndarray,
+    labels: np.ndarray,
+    study: optuna.Study,
+) -> None:
+    """Run trials until ``tune.n_trials`` are finished (counting earlier runs) or the time is up."""
+    import mlflow
+    from optuna_integration.keras import KerasPruningCallback
+
+    from pipelines.train import train_model
+
+    tune = params.tune
+    done = sum(t.state in FINISHED for t in study.trials)
+    remaining = tune.n_trials - done
+    if remaining <= 0:
+        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
+        return
+    log.info(
+        "study %s: %d finished trials so far, running up to %d more (%s images, %d epochs each)",
+        study.study_name,
+        done,
+        remaining,
+        tune.trial_images or "all",
+        tune.trial_epochs,
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        dotted = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
+        trial_params, trial_policy = apply_overrides(params, policy, dotted)
+        train = trial_params.train.model_copy(
+            update={
+                "max_images": tune.trial_images,
+                "epochs": tune.trial_epochs,
+                "early_stopping_patience": tune.trial_epochs,  # the pruner decides, not ES
+            }
+        )
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({**dotted, "trial_images": tune.trial_images})
+            mlflow.set_tag("optuna.trial", trial.number)
+            start = time.perf_counter()
+            try:
+                result = train_model(
+                    train,
+                    trial_policy,
+                    images,
+                    labels,
+                    on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch),
+                    callbacks=[KerasPruningCallback(trial, tune.metric)],
+                )
+            except optuna.TrialPruned:
+                mlflow.set_tag("state", "PRUNED")
+                log.info(
+                    "trial %d pruned after %d epoch(s), %.1f s",
+                    trial.number,
+                    len(trial.storage.get_trial(trial._trial_id).intermediate_values),
+                    time.perf_counter() - start,
+                )
+                raise
+            value = best_of(result.history, tune.metric)
+            mlflow.set_tag("state", "COMPLETE")
+            mlflow.log_metric("value", value)
+            log.info(
+                "trial %d: %s %.4f in %.1f s  %s",
+                trial.number,
+                tune.metric,
+                value,
+                time.perf_counter() - start,
+                dotted,
+            )
+            return value
+
+    study.optimize(
+        objective,
+        n_trials=remaining,
+        timeout=tune.timeout_s or None,
+        gc_after_trial=True,
+        catch=(),
+    )
+
+
+def close_dead_trial_runs(study: optuna.Study) -> None:
+    """MLflow runs of trials whose process died stay RUNNING; mark them KILLED."""
+    from pipelines import tracking
+
+    client = tracking.client()
+    for t in study.trials:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        failed = t.state == optuna.trial.TrialState.FAIL and run_id
+        if failed and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "state", "FAIL")
+            client.set_terminated(run_id, status="KILLED")
+
+
+def main() -> None:
+    import mlflow
+
+    from pipelines import tracking
+    from pipelines.cli import base_parser
+
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--policy", default="data/augment/policy.json")
+    parser.add_argument("--out", default="data/tune")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not params.tune.enabled:
+        write_json(out / "summary.json", {"enabled": False, "trials_finished": 0})
+        atomic_write_text(out / "trials.csv", "number,state,value,epochs\n")
+        write_json(out / BEST_FILE, {"enabled": False, "overrides": {}})
+        (out / "plots").mkdir(exist_ok=True)
+        atomic_write_text(out / "plots" / "README.txt", "tuning is off (tune.enabled: false)\n")
+        log.info("tuning is off (tune.enabled: false): train will use params.yaml as it is")
+        return
+
+    policy = AugmentParams.model_validate_json(Path(args.policy).read_text())
+    raw = Path(args.raw)
+    data = load_raw(raw, params.ingest.file_names)
+    source_record = json.loads((raw / SOURCE_FILE).read_text())
+    name = f"{params.tune.study_name}-{study_key(params, source_record)}"
+    storage_url = params.tune.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
+    study = open_study(params, name, storage_url)
+
+    tracking.setup(params.tracking.experiment)
+    parent_id = study.user_attrs.get("mlflow_run_id")
+    if parent_id:
+        log.info("resuming study %s (MLflow run %s)", name, parent_id)
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else "tune") as parent:
+        if not parent_id:
+            study.set_user_attr("mlflow_run_id", parent.info.run_id)
+            mlflow.log_params(tracking.flatten("tune", params.tune.model_dump()))
+            mlflow.set_tags({**tracking.lineage_tags(source_record), "optuna.study": name})
+        run_study(params, policy, data.x_train, data.y_train, study)
+        close_dead_trial_runs(study)
+
+        summary = summarise(study)
+        if "best_trial" not in summary:
+            from pipelines.cli import StageError
+
+            raise StageError(
+                f"study {name}: no trial completed ({summary}); nothing to hand to train"
+            )
+        best = study.best_trial
+        summary["storage"] = storage_url if not params.tune.storage else "(tune.storage)"
+        write_json(out / "summary.json", summary)
+        atomic_write_text(out / "trials.csv", trials_table(study))
+        plots = save_plots(study, out / "plots")
+        write_json(
+            out / BEST_FILE,
+            {
+                "enabled": True,
+                "study": name,
+                "best_trial": best.number,
+                "best_value": best.value,
+                "metric": params.tune.metric,
+                "overrides": best.params,
+            },
+        )
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        for path in (out / "summary.json", out / "trials.csv", out / BEST_FILE, *plots):
+            mlflow.log_artifact(str(path))
+    log.info(
+        "study %s: %d finished (%d pruned), best trial %d with %s %.4f -> %s",
+        name,
+        summary["trials_finished"],
+        summary["trials_pruned"],
+        best.number,
+        params.tune.metric,
+        best.value,
+        out / BEST_FILE,
+    )
+
+
+if __name__ == "__main__":
+    from pipelines.cli import run_stage
+
+    run_stage("tune", main)
