@@ -117,8 +117,8 @@ class BatchNormCalibrator:
 
     @staticmethod
     def _moments_through(head: list[keras.layers.Layer]):
-        @tf.function(reduce_retracing=True)
-        def moments(x):
+        @tf.function(input_signature=[tf.TensorSpec([None, *INPUT_SHAPE], tf.float32)])
+        def moments(x):  # one trace, whatever the batch size
             for layer in head:
                 x = layer(x, training=False)
             mean, variance = tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))  # per channel

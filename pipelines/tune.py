@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,21 @@ def suggest(trial: optuna.Trial, key: str, dim: SearchDim) -> Any:
     if dim.is_int:
         return trial.suggest_int(key, dim.low, dim.high, step=int(dim.step or 1), log=dim.log)
     return trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+
+
+def current_settings(params: Params, policy: AugmentParams) -> dict[str, Any]:
+    """The space keys' values in params.yaml (and the policy) where they lie inside the space: the
+    first trial of a new study, so the tuned result is measured against the hand-set one."""
+    sections = {"train": params.train.model_dump(), "augment": policy.model_dump()}
+    settings = {}
+    for key, dim in params.tune.space.items():
+        value: Any = sections
+        for part in key.split("."):
+            value = value[part]
+        inside = value in dim.choices if dim.choices is not None else dim.low <= value <= dim.high
+        if inside:
+            settings[key] = value
+    return settings
 
 
 def make_pruner(params) -> optuna.pruners.BasePruner:
@@ -141,11 +157,13 @@ def save_plots(study: optuna.Study, out: Path) -> list[Path]:
         plots.append(("param_importances.png", ovm.plot_param_importances))
     for name, plot in plots:
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # "experimental since v2.2": noise in a stage log
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances with one distinct value
             log.warning("skipped %s: %s", name, exc)
             continue
-        save_figure(ax.figure, out / name)
+        save_figure(ax.figure, out / name, dpi=100)
         paths.append(out / name)
     return paths
 
@@ -224,6 +242,8 @@ def run_study(
             )
             return value
 
+    if not study.trials:
+        study.enqueue_trial(current_settings(params, policy), skip_if_exists=True)
     study.optimize(
         objective,
         n_trials=remaining,

@@ -51,7 +51,9 @@ def tiny_params(tmp_path: Path, n_trials: int, **tune) -> Path:
 
 def tune_cmd(tmp_path: Path, params_file: Path, raw_dir: Path) -> tuple[list[str], dict]:
     from pipelines.config import load_params
+    from pipelines.ingest import write_source
 
+    write_source(raw_dir, load_params(params_file).ingest, "mnist")  # what ingest leaves
     policy = tmp_path / "policy.json"
     policy.write_text(load_params(params_file).augment.model_dump_json())
     cmd = [
@@ -119,6 +121,18 @@ def test_suggest_draws_ints_floats_and_choices(params) -> None:
     assert suggest(trial, "a", SearchDim(choices=[32, 48])) == 48
     assert suggest(trial, "b", SearchDim(low=0.2, high=0.5)) == 0.25
     assert suggest(trial, "c", SearchDim(low=1, high=5)) == 3
+
+
+def test_first_trial_is_the_hand_set_params_where_they_lie_in_the_space(params) -> None:
+    from pipelines.tune import current_settings
+
+    settings = current_settings(params, params.augment)
+    assert settings["train.learning_rate"] == params.train.learning_rate
+    assert settings["train.model.conv1_filters"] == params.train.model.conv1_filters
+    assert settings["augment.rotation_deg"] == params.augment.rotation_deg
+    # a value outside its dimension is left to the sampler
+    raw = deep_merge(read_yaml(PARAMS_PATH), {"train": {"learning_rate": 0.5}})
+    assert "train.learning_rate" not in current_settings(parse_params(raw), params.augment)
 
 
 @pytest.mark.e2e
