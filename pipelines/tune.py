@@ -92,7 +92,9 @@ def open_study(params: Params, name: str, storage_url: str) -> optuna.Study:
         storage_url,
         heartbeat_interval=tune.heartbeat_s,
         grace_period=tune.grace_s,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
     )
     return optuna.create_study(
         study_name=name,
@@ -318,7 +320,8 @@ def main() -> None:
                 f"study {name}: no trial completed ({summary}); nothing to hand to train"
             )
         best = study.best_trial
-        summary["storage"] = storage_url if not params.tune.storage else "(tune.storage)"
+        # the storage as configured (no absolute paths: summary.json is committed as a DVC metric)
+        summary["storage"] = params.tune.storage or str(out / "study.db")
         write_json(out / "summary.json", summary)
         atomic_write_text(out / "trials.csv", trials_table(study))
         plots = save_plots(study, out / "plots")
