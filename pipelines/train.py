@@ -316,7 +316,12 @@ def main() -> None:
 
     params = load_params(args.params)
     policy = AugmentParams.model_validate_json(Path(args.policy).read_text())
-    tuned = json.loads(Path(args.best_params).read_text())
+    best_file = Path(args.best_params)
+    if not best_file.exists():
+        raise FileNotFoundError(
+            f"{best_file}: no tuning result; run the tune stage first (dvc repro tune)"
+        )
+    tuned = json.loads(best_file.read_text())
     if tuned["overrides"]:
         params, policy = apply_overrides(params, policy, tuned["overrides"])
         log.info(

@@ -213,13 +213,19 @@ def run_study(
             mlflow.log_params({**dotted, "trial_images": tune.trial_images})
             mlflow.set_tag("optuna.trial", trial.number)
             start = time.perf_counter()
+            epochs: list[int] = []
+
+            def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                epochs.append(epoch)
+                mlflow.log_metrics(metrics, step=epoch)
+
             try:
                 result = train_model(
                     train,
                     trial_policy,
                     images,
                     labels,
-                    on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch),
+                    on_epoch=log_epoch,
                     callbacks=[KerasPruningCallback(trial, tune.metric)],
                 )
             except optuna.TrialPruned:
@@ -227,7 +233,7 @@ def run_study(
                 log.info(
                     "trial %d pruned after %d epoch(s), %.1f s",
                     trial.number,
-                    len(trial.storage.get_trial(trial._trial_id).intermediate_values),
+                    len(epochs),
                     time.perf_counter() - start,
                 )
                 raise

@@ -7,6 +7,7 @@ import numpy as np
 from pipelines.config import Params
 from pipelines.data import Dataset
 from pipelines.model import build_model, to_model_input
+from tests.conftest import make_arrays
 
 
 def test_model_outputs_a_probability_per_digit(params: Params, tiny_dataset: Dataset) -> None:
@@ -63,11 +64,15 @@ def test_fused_batchnorm_is_the_same_maths_as_the_stock_layer(params: Params) ->
     import keras
     import tensorflow as tf
 
-    # given the stock model and the fused training variant with the same weights
+    # given the stock model and the fused training variant with the same (seeded) weights, and
+    # digit-like strokes as input. (Keras' stock BatchNorm computes the variance as
+    # E[x^2] - E[x]^2; on a channel that is almost dead for the batch that float32 cancellation
+    # alone moves gradients by percents, whichever layer is right, so the weights are fixed.)
+    keras.utils.set_random_seed(0)
     stock = build_model(params.train.model)
     fused = build_model(params.train.model, fused_batchnorm=True)
     fused.set_weights(stock.get_weights())
-    x = tf.constant(np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32))
+    x = tf.constant(to_model_input(make_arrays()[0][:32]))
     y = tf.constant(np.arange(32) % 10)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
@@ -85,8 +90,9 @@ def test_fused_batchnorm_is_the_same_maths_as_the_stock_layer(params: Params) ->
     fused_loss, fused_grads = step(fused)
     # then the loss, every gradient and the updated moving statistics agree
     np.testing.assert_allclose(float(fused_loss), float(stock_loss), rtol=1e-5)
-    for a, b in zip(stock_grads, fused_grads, strict=True):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5)
+    for weight, a, b in zip(stock.trainable_weights, stock_grads, fused_grads, strict=True):
+        relative = np.linalg.norm(b.numpy() - a.numpy()) / np.linalg.norm(a.numpy())
+        assert relative < 1e-4, f"{weight.path}: gradients differ by {relative:.1e}"
     for name in ("bn1", "bn2"):
         for attr in ("moving_mean", "moving_variance"):
             before = getattr(stock.get_layer(name), attr).numpy()

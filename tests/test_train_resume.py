@@ -26,8 +26,11 @@ def test_killed_training_resumes_from_checkpoint(tmp_path):
     from flows.env import stage_env
 
     # Given the data stages done, and a 3-epoch training on a small slice
-    workdir = scratch_repo(tmp_path / "repo", {"train": {"epochs": 3, "max_images": 1000}})
-    prep = run_in(workdir, "dvc", "repro", "augment")
+    workdir = scratch_repo(
+        tmp_path / "repo",
+        {"train": {"epochs": 3, "max_images": 1000}, "tune": {"enabled": False}},
+    )
+    prep = run_in(workdir, "dvc", "repro", "tune")
     assert prep.returncode == 0, prep.stdout + prep.stderr
     cmd = [sys.executable if part == "python" else part for part in train_cmd()]
     env = stage_env({"TF_CPP_MIN_LOG_LEVEL": "3"})
