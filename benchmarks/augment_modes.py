@@ -26,10 +26,11 @@ from pipelines.data import load_raw
 from pipelines.model import build_model, to_model_input
 from pipelines.train import (
     CleanBatchNorm,
-    EpochDecay,
     EpochProgress,
+    compile_for_training,
     make_dataset,
     recalibrate_batchnorm,
+    schedule_callbacks,
     select_images,
     train_model,
 )
@@ -51,23 +52,13 @@ def precomputed_run(params, policy, x, y, x_test, y_test):
     precompute_s = time.perf_counter() - start
 
     model = build_model(params.model)
-    model.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_for_training(model, params)
     val_ds = make_dataset(x_val, y_val, params.batch_size)
     calibration = x_fit[: params.bn_calibration_images]
     # The same learning-rate and BatchNorm treatment as train_model, so only the augmentation differs.
     callbacks = [
         CleanBatchNorm(model, calibration),
-        EpochDecay(params.lr_decay),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss",
-            factor=params.lr_factor,
-            patience=params.lr_patience,
-            min_lr=params.min_learning_rate,
-        ),
+        *schedule_callbacks(params),
         EpochProgress(params.epochs),
     ]
     epoch_times = []

@@ -194,6 +194,29 @@ class EpochProgress(keras.callbacks.Callback):
             self.hook(epoch, metrics)
 
 
+def compile_for_training(model: keras.Model, params: TrainParams) -> None:
+    """Adam at ``params.learning_rate``, sparse cross-entropy, accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def schedule_callbacks(params: TrainParams) -> list[keras.callbacks.Callback]:
+    """The learning-rate schedule: per-epoch decay, with ReduceLROnPlateau's cuts on top."""
+    return [
+        EpochDecay(params.lr_decay),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=params.lr_factor,
+            patience=params.lr_patience,
+            min_lr=params.min_learning_rate,
+            verbose=0,
+        ),
+    ]
+
+
 def train_model(
     params: TrainParams,
     policy: AugmentParams,
@@ -223,21 +246,9 @@ def train_model(
             [keras.Input(shape=INPUT_SHAPE), build_augmenter(policy, seed=params.seed), model],
             name="train_graph",
         )
-    fitted.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    extra_callbacks = list(callbacks or [])
-    callbacks = [
-        EpochDecay(params.lr_decay),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss",
-            factor=params.lr_factor,
-            patience=params.lr_patience,
-            min_lr=params.min_learning_rate,
-            verbose=0,
-        ),
+    compile_for_training(fitted, params)
+    all_callbacks = [
+        *schedule_callbacks(params),
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
             patience=params.early_stopping_patience,
@@ -245,18 +256,20 @@ def train_model(
             verbose=0,
         ),
         EpochProgress(params.epochs, on_epoch),
-        *extra_callbacks,
+        *(callbacks or []),
     ]
     clean_bn = None
     if params.bn_calibration_images:
         # Before EarlyStopping and the LR callbacks read val_loss (they act at epoch end; this at test begin).
         clean_bn = CleanBatchNorm(model, x_fit[: params.bn_calibration_images])
-        callbacks.insert(0, clean_bn)
+        all_callbacks.insert(0, clean_bn)
     if backup_dir is not None:
         # Saves model, optimiser and epoch after every epoch and restores them on a rerun;
         # deletes its files once fit() completes. (The LR-plateau and early-stopping counters
         # restart from zero after a resume: a compromise Keras makes, not us.)
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch"))
+        all_callbacks.insert(
+            0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch")
+        )
     log.info(
         "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s",
         len(x_fit),
@@ -270,7 +283,7 @@ def train_model(
         train_ds,
         validation_data=val_ds,
         epochs=params.epochs,
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         verbose=0,
         shuffle=False,
     )
