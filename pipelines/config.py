@@ -69,7 +69,9 @@ class AugmentParams(Section):
 class ModelParams(Section):
     conv1_filters: int = Field(ge=1)
     conv2_filters: int = Field(ge=1)
+    conv3_filters: int = Field(default=0, ge=0)  # 0 = no third block (the baseline)
     kernel_size: int = Field(ge=1)
+    padding: Literal["valid", "same"] = "valid"
     dense_units: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
 

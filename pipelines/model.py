@@ -47,28 +47,35 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 
 def build_model(params: ModelParams, fused_batchnorm: bool = False) -> keras.Model:
-    """Conv-BN-Pool x2, Dense, Dropout, softmax. Uncompiled; the caller picks the optimiser.
+    """Conv-BN-Pool x2 (then Conv-BN with ``conv3_filters``), Dense, Dropout, softmax. Uncompiled.
 
-    ``fused_batchnorm=True`` builds the training variant (same weights, faster BatchNorm step).
+    The baseline (``conv3_filters: 0``, ``padding: valid``) is the seed article's network:
+    28 -> conv 26 -> pool 13 -> conv 11 -> pool 5. ``fused_batchnorm=True`` builds the training
+    variant (same weights, faster BatchNorm step).
     """
-    k = params.kernel_size
     batchnorm = FusedBatchNormalization if fused_batchnorm else keras.layers.BatchNormalization
-    return keras.Sequential(
-        [
-            keras.Input(shape=INPUT_SHAPE),  # (N, 28, 28, 1) float32 in [0, 1]
-            keras.layers.Conv2D(params.conv1_filters, k, activation="relu", name="conv1"),
-            batchnorm(name="bn1"),
-            keras.layers.MaxPooling2D(name="pool1"),  # (N, 13, 13, conv1_filters)
-            keras.layers.Conv2D(params.conv2_filters, k, activation="relu", name="conv2"),
-            batchnorm(name="bn2"),
-            keras.layers.MaxPooling2D(name="pool2"),  # (N, 5, 5, conv2_filters)
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(params.dense_units, activation="relu", name="dense"),
-            keras.layers.Dropout(params.dropout, name="dropout"),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probs"),  # (N, 10)
-        ],
-        name="mnist_cnn",
-    )
+    filters = [params.conv1_filters, params.conv2_filters, params.conv3_filters]
+    layers: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE)]  # (N, 28, 28, 1) in [0, 1]
+    for block, width in enumerate((f for f in filters if f), start=1):
+        layers += [
+            keras.layers.Conv2D(
+                width,
+                params.kernel_size,
+                padding=params.padding,
+                activation="relu",
+                name=f"conv{block}",
+            ),
+            batchnorm(name=f"bn{block}"),
+        ]
+        if block < 3:  # the third block keeps its 3x3 (valid) or 7x7 (same) map: no pooling to 1x1
+            layers.append(keras.layers.MaxPooling2D(name=f"pool{block}"))
+    layers += [
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(params.dense_units, activation="relu", name="dense"),
+        keras.layers.Dropout(params.dropout, name="dropout"),
+        keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probs"),  # (N, 10)
+    ]
+    return keras.Sequential(layers, name="mnist_cnn")
 
 
 def serving_copy(model: keras.Model, params: ModelParams) -> keras.Model:

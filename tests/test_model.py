@@ -25,7 +25,9 @@ def test_model_outputs_a_probability_per_digit(params: Params, tiny_dataset: Dat
 def test_model_layers_have_stable_names(params: Params) -> None:
     model = build_model(params.train.model)
     names = [layer.name for layer in model.layers]
-    expected = ["conv1", "bn1", "pool1", "conv2", "bn2", "pool2", "dense", "dropout", "probs"]
+    expected = ["conv1", "bn1", "pool1", "conv2", "bn2", "pool2", "conv3", "bn3"]
+    expected += ["dense", "dropout", "probs"]
+    assert params.train.model.conv3_filters  # the default has the third block
     assert [n for n in names if n != "flatten"] == expected
     assert model.get_layer("conv1").filters == params.train.model.conv1_filters
     assert model.get_layer("dense").units == params.train.model.dense_units
@@ -44,6 +46,27 @@ def test_wider_params_give_a_bigger_model(params: Params) -> None:
     )
     # when / then
     assert build_model(wide).count_params() > build_model(base).count_params()
+
+
+def test_third_block_and_same_padding_change_the_shapes(params: Params) -> None:
+    # given the seed's baseline, with a third Conv-BN block, and that with "same" padding
+    base = params.train.model.model_copy(update={"conv3_filters": 0, "padding": "valid"})
+    deep = base.model_copy(update={"conv3_filters": 128})
+    deep_same = deep.model_copy(update={"padding": "same"})
+
+    def shapes(model_params) -> tuple[list[str], tuple]:
+        model = build_model(model_params)
+        names = [layer.name for layer in model.layers]
+        return names, tuple(model.get_layer("flatten").input.shape[1:])
+
+    # then valid padding shrinks 28 -> 26 -> 13 -> 11 -> 5 (-> 3), same padding only pools
+    assert shapes(base) == (
+        ["conv1", "bn1", "pool1", "conv2", "bn2", "pool2", "flatten", "dense", "dropout", "probs"],
+        (5, 5, 64),
+    )
+    assert shapes(deep)[0][6:9] == ["conv3", "bn3", "flatten"]  # no pooling after the third conv
+    assert shapes(deep)[1] == (3, 3, 128)
+    assert shapes(deep_same)[1] == (7, 7, 128)
 
 
 def test_to_model_input_scales_and_adds_a_channel() -> None:
