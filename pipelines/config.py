@@ -139,6 +139,7 @@ class TuneParams(Section):
     pruner: Literal["median", "hyperband", "none"]
     pruner_startup_trials: int = Field(ge=0)  # median: trials that are never pruned
     pruner_warmup_epochs: int = Field(ge=0)  # median: epochs before a trial can be pruned
+    min_improvement: float = Field(ge=0)  # the best trial replaces trial 0 only if it wins by this
     heartbeat_s: int = Field(ge=1)  # a trial whose process stops beating this long ...
     grace_s: int = Field(ge=1)  # ... plus this grace is failed, and retried on the next run
     space: dict[str, SearchDim]

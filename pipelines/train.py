@@ -338,9 +338,10 @@ def main() -> None:
     if tuned["overrides"]:
         params, policy = apply_overrides(params, policy, tuned["overrides"])
         log.info(
-            "using trial %d of study %s: %s",
-            tuned["best_trial"],
+            "using trial %d of study %s (%s): %s",
+            tuned["chosen_trial"],
             tuned["study"],
+            tuned["reason"],
             tuned["overrides"],
         )
     else:

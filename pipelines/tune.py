@@ -5,7 +5,8 @@ training set for a few epochs, reports its validation metric every epoch to the 
 nested MLflow run under one parent tuning run. The study lives in sqlite (or any Optuna storage
 URL), named by a hash of everything that defines it, so a killed run resumes where it stopped and a
 changed search space starts a new study. Writes ``best_params.json``: the overrides train applies
-on top of params.yaml (none when tuning is switched off).
+on top of params.yaml (none when tuning is switched off). Trial 0 is params.yaml as it is; the best
+trial replaces it only when it wins by ``tune.min_improvement``, more than trial noise.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def study_key(params: Params, source_record: dict) -> str:
     """A short hash of what defines the study: tune and train settings, augmentation, data."""
     blob = json.dumps(
         {
-            "tune": params.tune.model_dump(exclude={"storage", "timeout_s", "n_trials"}),
+            "tune": params.tune.model_dump(
+                exclude={"storage", "timeout_s", "n_trials", "min_improvement"}
+            ),
             # what a trial uses of train (dvc.yaml lists the same keys for the tune stage)
             "train": params.train.model_dump(
                 exclude={"epochs", "max_images", "early_stopping_patience"}
@@ -125,6 +128,39 @@ def summarise(study: optuna.Study) -> dict[str, Any]:
         best = study.best_trial
         summary.update(best_trial=best.number, best_value=best.value)
     return summary
+
+
+def choose(study: optuna.Study, metric: str, min_improvement: float) -> dict[str, Any]:
+    """The settings train should use: the best trial, unless it beats trial 0 (params.yaml as it
+    is) by less than ``min_improvement`` of ``metric``, in which case trial 0's.
+
+    A trial's score comes from a small validation split, and the best of a dozen noisy scores is
+    biased upwards, so a narrow win is more likely noise than a better setting.
+    """
+    best = study.best_trial
+    hand_set = study.trials[0] if study.trials else None
+    chosen, reason = best, "the best trial"
+    if hand_set is not None and hand_set.state == optuna.trial.TrialState.COMPLETE:
+        sign = 1.0 if metric == "val_accuracy" else -1.0
+        gain = sign * (best.value - hand_set.value)
+        if best.number == hand_set.number:
+            reason = "trial 0 (params.yaml) is the best trial"
+        elif gain < min_improvement:
+            chosen = hand_set
+            reason = (
+                f"trial {best.number} beats trial 0 (params.yaml) by {gain:.4f} {metric}, "
+                f"less than tune.min_improvement {min_improvement}: kept params.yaml"
+            )
+        else:
+            reason = f"trial {best.number} beats trial 0 (params.yaml) by {gain:.4f} {metric}"
+    return {
+        "best_trial": best.number,
+        "best_value": best.value,
+        "chosen_trial": chosen.number,
+        "chosen_value": chosen.value,
+        "reason": reason,
+        "overrides": chosen.params,
+    }
 
 
 def trials_table(study: optuna.Study) -> str:
@@ -325,35 +361,32 @@ def main() -> None:
             raise StageError(
                 f"study {name}: no trial completed ({summary}); nothing to hand to train"
             )
-        best = study.best_trial
+        chosen = choose(study, params.tune.metric, params.tune.min_improvement)
         # the storage as configured (no absolute paths: summary.json is committed as a DVC metric)
         summary["storage"] = params.tune.storage or str(out / "study.db")
+        summary["chosen_trial"] = chosen["chosen_trial"]
         write_json(out / "summary.json", summary)
         atomic_write_text(out / "trials.csv", trials_table(study))
         plots = save_plots(study, out / "plots")
         write_json(
             out / BEST_FILE,
-            {
-                "enabled": True,
-                "study": name,
-                "best_trial": best.number,
-                "best_value": best.value,
-                "metric": params.tune.metric,
-                "overrides": best.params,
-            },
+            {"enabled": True, "study": name, "metric": params.tune.metric, **chosen},
         )
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.log_params({f"best.{k}": v for k, v in chosen["overrides"].items()})
+        mlflow.set_tag("chosen", chosen["reason"])
         for path in (out / "summary.json", out / "trials.csv", out / BEST_FILE, *plots):
             mlflow.log_artifact(str(path))
     log.info(
-        "study %s: %d finished (%d pruned), best trial %d with %s %.4f -> %s",
+        "study %s: %d finished (%d pruned), best trial %d with %s %.4f; train gets trial %d: %s -> %s",
         name,
         summary["trials_finished"],
         summary["trials_pruned"],
-        best.number,
+        chosen["best_trial"],
         params.tune.metric,
-        best.value,
+        chosen["best_value"],
+        chosen["chosen_trial"],
+        chosen["reason"],
         out / BEST_FILE,
     )
 

@@ -29,6 +29,7 @@ TINY_TUNE = {
     "heartbeat_s": 1,
     "grace_s": 1,
     "timeout_s": 0,
+    "min_improvement": 0.0,  # always hand train the best trial
     # A rate that cannot learn next to one that cannot stay stable: trials differ a lot.
     "space": {"train.learning_rate": {"choices": [1.0e-12, 30.0]}},
 }
@@ -135,6 +136,38 @@ def test_first_trial_is_the_hand_set_params_where_they_lie_in_the_space(params) 
     assert "train.learning_rate" not in current_settings(parse_params(raw), params.augment)
 
 
+def test_the_best_trial_replaces_params_yaml_only_when_it_wins_by_min_improvement() -> None:
+    from pipelines.tune import choose
+
+    # given a study whose trial 0 (params.yaml) scores 0.990 and trial 2 scores 0.993
+    study = optuna.create_study(direction="maximize")
+    dist = {"train.model.dropout": optuna.distributions.FloatDistribution(0.2, 0.5)}
+    for dropout, value in ((0.5, 0.990), (0.3, 0.985), (0.4, 0.993)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"train.model.dropout": dropout}, distributions=dist, value=value
+            )
+        )
+    # when the bar is above the 0.003 win, then train keeps trial 0, and says why
+    kept = choose(study, "val_accuracy", min_improvement=0.005)
+    assert (kept["best_trial"], kept["chosen_trial"]) == (2, 0)
+    assert kept["overrides"] == {"train.model.dropout": 0.5}
+    assert "less than tune.min_improvement 0.005" in kept["reason"]
+    # when the bar is below it, then train gets the best trial
+    taken = choose(study, "val_accuracy", min_improvement=0.002)
+    assert (taken["chosen_trial"], taken["overrides"]) == (2, {"train.model.dropout": 0.4})
+    # and for a loss, lower is better: trial 1's lower loss wins by 0.005
+    losses = optuna.create_study(direction="minimize")
+    for dropout, value in ((0.5, 0.030), (0.3, 0.025), (0.4, 0.029)):
+        losses.add_trial(
+            optuna.trial.create_trial(
+                params={"train.model.dropout": dropout}, distributions=dist, value=value
+            )
+        )
+    assert choose(losses, "val_loss", min_improvement=0.004)["chosen_trial"] == 1
+    assert choose(losses, "val_loss", min_improvement=0.006)["chosen_trial"] == 0
+
+
 @pytest.mark.e2e
 def test_tuning_logs_nested_trials_prunes_and_hands_train_the_best(tmp_path, raw_dir) -> None:
     import mlflow
@@ -151,7 +184,7 @@ def test_tuning_logs_nested_trials_prunes_and_hands_train_the_best(tmp_path, raw
     study = load_study(tmp_path)
     # and best_params.json carries the best trial's settings, which train applies
     best = json.loads((tmp_path / "tune/best_params.json").read_text())
-    assert best["best_trial"] == study.best_trial.number
+    assert best["best_trial"] == best["chosen_trial"] == study.best_trial.number
     assert best["overrides"] == study.best_trial.params
     assert "tune/plots/optimization_history.png" in {
         str(p.relative_to(tmp_path)) for p in (tmp_path / "tune/plots").iterdir()

@@ -1,0 +1,58 @@
+"""Smoke tests of the benchmarks: they run end to end on a tiny slice and print their figures.
+
+They assert no timing: a benchmark is measured by a person on a quiet machine, not by CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def run_benchmark(*argv: str) -> str:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_speed_benchmark_prints_throughput_and_ratio_per_mode(raw_dir: Path) -> None:
+    # when the throughput benchmark runs once per mode on 200 images for one epoch
+    out = run_benchmark(
+        "benchmarks.speed", "--images", "200", "--epochs", "1", "--repeats", "1",
+        "--raw", str(raw_dir),
+    )  # fmt: skip
+    # then it prints one result row per mode: images per epoch, img/s, ratio to the seed, accuracy
+    rows = {
+        m.group(1).strip(): m.groups()[1:]
+        for m in re.finditer(
+            r"^(seed recipe \(baseline\)|project, oneDNN off|project)\s+(\d+)\s+(\d+)\s+"
+            r"([\d.]+)x\s+([\d.]+)$",
+            out,
+            flags=re.MULTILINE,
+        )
+    }
+    assert set(rows) == {"seed recipe (baseline)", "project, oneDNN off", "project"}, out
+    assert rows["seed recipe (baseline)"][2] == "1.00"  # the baseline's ratio to itself
+    assert all(int(images) > 0 and int(speed) > 0 for images, speed, _, _ in rows.values())
+
+
+def test_time_to_accuracy_benchmark_prints_each_epoch_and_the_target(raw_dir: Path) -> None:
+    # when both modes train one epoch on 200 images
+    out = run_benchmark(
+        "benchmarks.time_to_accuracy", "--images", "200", "--seed-epochs", "1",
+        "--set", "train.epochs=1", "--best-params", "none", "--raw", str(raw_dir),
+    )  # fmt: skip
+    # then each mode prints its epochs with cumulative seconds and test accuracy, and the verdict
+    assert re.search(r"^seed recipe: final test accuracy [\d.]+$", out, re.MULTILINE), out
+    assert re.search(r"^project \{'train.epochs': 1\}: final test accuracy", out, re.MULTILINE)
+    assert len(re.findall(r"^  epoch  1\s+[\d.]+ s  test acc [\d.]+$", out, re.MULTILINE)) == 2
+    assert re.search(r"^target: test accuracy [\d.]+$", out, re.MULTILINE), out
+    assert re.search(r"^project: (reached at epoch 1, after [\d.]+ s|never reached it)", out, re.M)
