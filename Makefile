@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui bench bench-augment clean-smoke
+.PHONY: help install run flow smoke test lint format ui bench bench-time bench-augment clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ clean-smoke: ## remove the smoke run's scratch copy
 
 bench: $(STAMP) ## benchmark: training throughput vs the seed recipe, median of 3 (needs data/raw from `make run`)
 	$(BIN)/python -m benchmarks.speed
+
+bench-time: $(STAMP) ## benchmark: wall time to the seed recipe's final accuracy, full data (~30 min)
+	$(BIN)/python -m benchmarks.time_to_accuracy
 
 bench-augment: $(STAMP) ## benchmark: augmentation on the fly vs precomputed
 	$(BIN)/python -m benchmarks.augment_modes

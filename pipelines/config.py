@@ -88,6 +88,9 @@ class TrainParams(Section):
     lr_patience: int = Field(ge=0)
     min_learning_rate: float = Field(ge=0)
     early_stopping_patience: int = Field(ge=0)
+    restore_best_weights: bool = (
+        False  # true: end on the epoch with the best val_loss, not the last
+    )
     bn_calibration_images: int = Field(ge=0)  # 0 = keep BatchNorm's training-time statistics
     model: ModelParams
 

@@ -148,7 +148,7 @@ def recalibrate_batchnorm(
 
 class CleanBatchNorm(keras.callbacks.Callback):
     """Recalibrate BatchNorm on clean images before each validation, so that val_loss (which drives
-    ReduceLROnPlateau, EarlyStopping and the restored best weights) measures the model as served."""
+    ReduceLROnPlateau, EarlyStopping and, if on, the restored best weights) measures the model as served."""
 
     def __init__(self, model: keras.Sequential, images: np.ndarray):
         super().__init__()
@@ -252,7 +252,7 @@ def train_model(
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
             patience=params.early_stopping_patience,
-            restore_best_weights=True,
+            restore_best_weights=params.restore_best_weights,
             verbose=0,
         ),
         EpochProgress(params.epochs, on_epoch),
@@ -288,7 +288,7 @@ def train_model(
         shuffle=False,
     )
     if clean_bn is not None:
-        clean_bn.calibrate()  # the restored best weights get their clean statistics too
+        clean_bn.calibrate()  # the final (or restored best) weights get their clean statistics
     return TrainResult(
         model=serving_copy(model, params.model),
         history={k: [float(v) for v in vals] for k, vals in history.history.items()},

@@ -42,7 +42,8 @@ def study_key(params: Params, source_record: dict) -> str:
             ),
             # what a trial uses of train (dvc.yaml lists the same keys for the tune stage)
             "train": params.train.model_dump(
-                exclude={"epochs", "max_images", "early_stopping_patience"}
+                # a trial's value is its best epoch's metric, whichever weights it ends with
+                exclude={"epochs", "max_images", "early_stopping_patience", "restore_best_weights"}
             ),
             "augment": params.augment.model_dump(),
             "data": source_record.get("files"),
