@@ -54,7 +54,8 @@ def worker(data_path: str, best_params: str, overrides: dict[str, object]) -> No
     from pipelines.model import to_model_input
     from pipelines.train import train_model
 
-    params, policy = load_params(), load_params().augment
+    params = load_params()
+    policy = params.augment
     tuned = json.loads(Path(best_params).read_text())["overrides"] if best_params else {}
     params, policy = apply_overrides(params, policy, {**tuned, **overrides})
     data = np.load(data_path)
@@ -120,7 +121,11 @@ def main() -> None:
     parser.add_argument(
         "--target", type=float, help="accuracy to reach (default: the seed run's final accuracy)"
     )
-    parser.add_argument("--best-params", default="data/tune/best_params.json")
+    parser.add_argument(
+        "--best-params",
+        default="data/tune/best_params.json",
+        help="the tune stage's overrides; a missing file (e.g. 'none'): params.yaml as it is",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--raw", default="data/raw")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -155,7 +160,7 @@ def main() -> None:
             extra = [f"--set={item}" for item in args.set]
             results["project"] = run(
                 ["benchmarks.time_to_accuracy", "--worker", "--data", path,
-                 "--best-params", best or "/nonexistent", *extra],
+                 "--best-params", best or "none", *extra],
                 "1",
             )  # fmt: skip
             show(f"project {results['project']['settings']}", results["project"])
