@@ -374,7 +374,7 @@ def main() -> None:
             {"enabled": True, "study": name, "metric": params.tune.metric, **chosen},
         )
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_params({f"best.{k}": v for k, v in chosen["overrides"].items()})
+        mlflow.log_params({f"chosen.{k}": v for k, v in chosen["overrides"].items()})
         mlflow.set_tag("chosen", chosen["reason"])
         for path in (out / "summary.json", out / "trials.csv", out / BEST_FILE, *plots):
             mlflow.log_artifact(str(path))
