@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui bench bench-time bench-augment clean-smoke
+.PHONY: help install run flow smoke test lint format ui serve bench bench-time bench-augment clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
 		--backend-store-uri sqlite:///$(abspath $(MLRUNS))/mlflow.db \
 		--default-artifact-root $(abspath $(MLRUNS))/artifacts
+
+serve: $(STAMP) ## REST API + drawing page for models:/mnist-classifier@champion on http://127.0.0.1:$${PORT:-8000}
+	$(BIN)/python -m serving.app
 
 clean-smoke: ## remove the smoke run's scratch copy
 	rm -rf .smoke

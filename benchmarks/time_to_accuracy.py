@@ -65,7 +65,13 @@ def worker(data_path: str, best_params: str, overrides: dict[str, object]) -> No
 
     class EpochTest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):  # after EpochProgress took the epoch's time
+            swap = keras.callbacks.SwapEMAWeights()  # test the averaged weights, as validation does
+            if params.train.ema_momentum:
+                swap.set_model(self.model)
+                swap.on_test_begin()
             probs = self.model.predict(x_test, batch_size=1000, verbose=0)
+            if params.train.ema_momentum:
+                swap.on_test_end()
             accuracy.append(float((probs.argmax(axis=1) == data["y_test"]).mean()))
 
     result = train_model(

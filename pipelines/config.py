@@ -92,6 +92,7 @@ class TrainParams(Section):
         False  # true: end on the epoch with the best val_loss, not the last
     )
     bn_calibration_images: int = Field(ge=0)  # 0 = keep BatchNorm's training-time statistics
+    ema_momentum: float = Field(default=0.0, ge=0, lt=1)  # weight averaging; 0 = off
     model: ModelParams
 
 
@@ -160,11 +161,34 @@ class EvaluateParams(Section):
     top_confused_pairs: int = Field(ge=1)
 
 
+class ExportParams(Section):
+    representative_images: int = Field(ge=1)  # clean training images that calibrate int8
+    min_agreement: float = Field(ge=0, le=1)  # ONNX, float TFLite: share of Keras' argmax kept
+    max_int8_drop: float = Field(ge=0, le=1)  # int8: accuracy it may lose against Keras
+    latency_images: int = Field(ge=1)  # one-image calls timed (median)
+    latency_batch: int = Field(ge=1)  # batch size of the batch latency
+    latency_repeats: int = Field(ge=1)  # batch calls timed (median)
+    threads: int = Field(ge=1)  # runtime threads, as the server runs them
+
+
 class RegisterParams(Section):
     model_name: str
     champion_alias: str
     challenger_alias: str
     min_accuracy: float = Field(ge=0, le=1)
+    serve_check_images: int = Field(ge=1)  # test images the served format must predict
+    max_served_drop: float = Field(ge=0, le=1)  # ... losing at most this accuracy against Keras
+
+
+class ServeParams(Section):
+    format: Literal["model.onnx", "model_float.tflite", "model_int8.tflite"]
+    host: str
+    port: int = Field(ge=1, le=65535)  # PORT in the environment overrides it
+    poll_interval_s: float = Field(gt=0)  # how often the champion alias is checked for a move
+    threads: int = Field(ge=1)  # runtime threads per request
+    max_batch: int = Field(ge=1)  # images per request
+    max_body_bytes: int = Field(ge=1)  # JSON request bodies
+    max_upload_bytes: int = Field(ge=1)  # uploaded images
 
 
 class TrackingParams(Section):
@@ -179,7 +203,9 @@ class Params(Section):
     tune: TuneParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
     register_: RegisterParams = Field(alias="register")
+    serve: ServeParams
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -3,9 +3,14 @@
 Gate, in order:
   1. floor: test accuracy below ``register.min_accuracy`` -> registered, no alias;
   2. the candidate must load back from the registry and reproduce its test predictions;
-  3. no champion yet -> ``champion``; otherwise the current champion is re-scored on this very
+  3. infra: the served export (``serve.format``) must have passed its parity bars in the export
+     stage, and, downloaded from the registry and loaded by the server's code
+     (``pipelines.runtime.load_registered``), must predict ``register.serve_check_images`` test
+     images losing at most ``register.max_served_drop`` accuracy against Keras;
+  4. no champion yet -> ``champion``; otherwise the current champion is re-scored on this very
      test set, and the candidate takes ``champion`` only if strictly better, else ``challenger``.
-Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
+The exports and their parity report are attached to the version (files of its logged model, and
+tags). Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
 If anything fails after the version is created and before its alias is set, the version is deleted.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +92,57 @@ def score_version(uri: str, images: np.ndarray, labels: np.ndarray, batch_size: 
     return float((probs.argmax(axis=1) == labels.astype(np.int64)).mean())
 
 
+def check_served(
+    params: RegisterParams,
+    version: str,
+    parity: dict,
+    served_format: str,
+    model,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    batch_size: int,
+) -> tuple[dict[str, str], str | None]:
+    """Gate step 3. Returns the version tags it measured and the failure (None: passed)."""
+    from pipelines.evaluate import predict_probabilities
+    from pipelines.model import to_model_input
+    from pipelines.runtime import load_registered
+
+    tags = {"served_format": served_format, "parity_passed": str(parity["passed"]).lower()}
+    for name, row in parity["formats"].items():
+        for key in ("accuracy", "agreement", "latency_1_ms"):
+            tags[f"export.{name}.{key}"] = f"{row[key]:.6g}"
+    row = parity["formats"][served_format]
+    if not row["passed"]:
+        return (
+            tags,
+            f"served export {served_format} failed its parity bars: {'; '.join(row['failures'])}",
+        )
+    n = min(params.serve_check_images, len(x_test))
+    images, labels = x_test[:n], y_test[:n].astype(np.int64)
+    expected = float((predict_probabilities(model, images, batch_size).argmax(1) == labels).mean())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            predictor = load_registered(params.model_name, version, served_format, Path(tmp))
+            probs = predictor.predict(to_model_input(images))
+    except Exception as exc:  # whatever breaks, the version must not be served
+        return tags, f"served export {served_format} of v{version} failed to load or predict: {exc}"
+    served = float((probs.argmax(axis=1) == labels).mean())
+    tags.update(served_check_images=str(n), served_check_accuracy=f"{served:.6f}")
+    log.info(
+        "infra check: %s from the registry scores %.4f on %d test images (Keras %.4f)",
+        served_format,
+        served,
+        n,
+        expected,
+    )
+    if served < expected - params.max_served_drop:
+        return tags, (
+            f"served export {served_format} scores {served:.4%} on {n} test images against Keras' "
+            f"{expected:.4%} (allowed drop {params.max_served_drop:.2%})"
+        )
+    return tags, None
+
+
 def register_model(
     params: RegisterParams,
     run_id: str,
@@ -95,8 +152,15 @@ def register_model(
     y_test: np.ndarray,
     batch_size: int,
     extra_tags: dict[str, str] | None = None,
+    export_dir: Path | None = None,
+    served_format: str = "model.onnx",
 ) -> dict:
-    """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record."""
+    """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record.
+
+    ``export_dir`` (the export stage's output: the files and parity.json) is attached to the
+    version and enables the infra check on ``served_format``; without it (unit tests) step 3 is
+    skipped.
+    """
     import mlflow
 
     from pipelines import tracking
@@ -127,8 +191,17 @@ def register_model(
     example = to_model_input(x_test[:2])  # (2, 28, 28, 1) float32 in [0, 1]
     # An explicit signature: mlflow 3.17's keras flavour fails to write `input_example` files.
     signature = infer_signature(example, model.predict(example, verbose=0))
+    parity = None
+    if export_dir is not None:
+        parity = json.loads((Path(export_dir) / "parity.json").read_text())
+        if served_format not in parity["formats"]:
+            raise FileNotFoundError(f"{export_dir}/parity.json: no entry for {served_format}")
     with mlflow.start_run(run_id=run_id):
         info = mlflow.keras.log_model(model, name="model", signature=signature)
+        if (
+            export_dir is not None
+        ):  # the exports travel with the model: models:/<name>/<v>/model.onnx
+            client.log_model_artifacts(info.model_id, str(export_dir))
     version = mlflow.register_model(info.model_uri, params.model_name).version
     log.info("registered %s v%s from run %s", params.model_name, version, run_id)
     try:
@@ -148,6 +221,13 @@ def register_model(
                 None,
                 f"registry copy predicts differently from the evaluated model (max |dp| {drift:.2e} on {n} images)",
             )
+        served_tags: dict[str, str] = {}
+        if parity is not None:
+            served_tags, failure = check_served(
+                params, version, parity, served_format, model, x_test, y_test, batch_size
+            )
+            if failure and decision.alias is not None:
+                decision = Decision(None, failure)
 
         tags = {
             "test_accuracy": f"{metrics['accuracy']:.6f}",
@@ -161,6 +241,7 @@ def register_model(
             if champion_accuracy is not None
             else "none",
             "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **served_tags,
             **(extra_tags or {}),
         }
         for key, value in tags.items():
@@ -182,6 +263,8 @@ def register_model(
         "test_accuracy": metrics["accuracy"],
         "previous_champion": int(champion.version) if champion else None,
         "champion_test_accuracy": champion_accuracy,
+        "served_format": served_tags.get("served_format"),
+        "served_check_accuracy": served_tags.get("served_check_accuracy"),
     }
 
 
@@ -196,6 +279,7 @@ def main() -> None:
     parser.add_argument("--raw", default="data/raw")
     parser.add_argument("--model", default="data/model")
     parser.add_argument("--metrics", default="data/reports/metrics.json")
+    parser.add_argument("--export", default="data/export", help="the export stage's output")
     parser.add_argument("--out", default="data/register")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -214,6 +298,8 @@ def main() -> None:
         data.y_test,
         params.evaluate.batch_size,
         extra_tags={"git_commit": tracking.git_commit()},
+        export_dir=Path(args.export),
+        served_format=params.serve.format,
     )
     write_json(Path(args.out) / "registration.json", record)
 

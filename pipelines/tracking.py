@@ -33,13 +33,19 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / MLRUNS_DIR / 'mlflow.db'}"
 
 
-def setup(experiment: str, root: Path | None = None) -> str:
-    """Point MLflow at the project's store and experiment; return the experiment id."""
+def use_store(root: Path | None = None) -> str:
+    """Point MLflow's tracking and registry at the project's store (``tracking_uri``); return it."""
     uri = tracking_uri(root)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    return uri
+
+
+def setup(experiment: str, root: Path | None = None) -> str:
+    """Point MLflow at the project's store and experiment; return the experiment id."""
+    uri = use_store(root)
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
         experiment_id = existing.experiment_id

@@ -195,9 +195,14 @@ class EpochProgress(keras.callbacks.Callback):
 
 
 def compile_for_training(model: keras.Model, params: TrainParams) -> None:
-    """Adam at ``params.learning_rate``, sparse cross-entropy, accuracy."""
+    """Adam at ``params.learning_rate`` (keeping an EMA of the weights if ``ema_momentum``),
+    sparse cross-entropy, accuracy."""
     model.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate),
+        optimizer=keras.optimizers.Adam(
+            params.learning_rate,
+            use_ema=params.ema_momentum > 0,
+            ema_momentum=params.ema_momentum or 0.99,
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -263,6 +268,10 @@ def train_model(
         # Before EarlyStopping and the LR callbacks read val_loss (they act at epoch end; this at test begin).
         clean_bn = CleanBatchNorm(model, x_fit[: params.bn_calibration_images])
         all_callbacks.insert(0, clean_bn)
+    if params.ema_momentum:
+        # Validation measures the averaged weights (swapped in before CleanBatchNorm recalibrates
+        # for them, swapped out after); fit() ends by writing the averages into the model.
+        all_callbacks.insert(0, keras.callbacks.SwapEMAWeights())
     if backup_dir is not None:
         # Saves model, optimiser and epoch after every epoch and restores them on a rerun;
         # deletes its files once fit() completes. (The LR-plateau and early-stopping counters

@@ -12,7 +12,7 @@ from tests.e2e_support import client_for, run_in, scratch_repo, stages_run, trac
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["ingest", "validate", "augment", "tune", "train", "evaluate", "register"]
+STAGES = ["ingest", "validate", "augment", "tune", "train", "evaluate", "export", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,24 @@ def test_champion_loads_from_registry_and_predicts(repro):
     assert (
         version.tags["decision"] == "champion" and "no current champion" in version.tags["reason"]
     )
+    # The served export passed the infra check and travels with the version
+    assert version.tags["served_format"] == "model.onnx"
+    assert float(version.tags["served_check_accuracy"]) > 0.5
+
+
+def test_export_stage_writes_three_formats_with_parity(repro):
+    from pipelines.runtime import FORMATS
+
+    workdir, _ = repro
+    parity = json.loads((workdir / "data/export/parity.json").read_text())
+    for name in FORMATS:
+        assert (workdir / "data/export" / name).stat().st_size > 10_000
+        assert (
+            parity["formats"][name]["size_bytes"] == (workdir / "data/export" / name).stat().st_size
+        )
+    assert parity["test_images"] > 0
+    assert parity["formats"]["model.onnx"]["agreement"] >= 0.999
+    assert parity["formats"]["model_float.tflite"]["agreement"] >= 0.999
 
 
 def test_second_repro_runs_nothing_and_epochs_change_reruns_train_onwards(repro):
@@ -97,7 +115,7 @@ def test_second_repro_runs_nothing_and_epochs_change_reruns_train_onwards(repro)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run_in(workdir, "dvc", "repro")
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert stages_run(changed.stdout) == ["train", "evaluate", "register"]
+    assert stages_run(changed.stdout) == ["train", "evaluate", "export", "register"]
     registration = json.loads((workdir / "data/register/registration.json").read_text())
     assert registration["version"] == 2 and registration["alias"] in {"champion", "challenger"}
 

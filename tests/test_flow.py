@@ -54,6 +54,7 @@ def test_flow_runs_all_stages_and_writes_the_same_lock(prefect_harness, tmp_path
         "tune",
         "train",
         "evaluate",
+        "export",
         "register",
     ]
 

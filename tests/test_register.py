@@ -18,6 +18,8 @@ GATE = RegisterParams(
     champion_alias="champion",
     challenger_alias="challenger",
     min_accuracy=0.3,
+    serve_check_images=128,
+    max_served_drop=0.002,
 )
 
 
@@ -108,3 +110,102 @@ def test_better_model_takes_champion_and_records_previous(store, digits):
         weak["test_accuracy"], abs=1e-6
     )
     assert f"beats champion v{weak['version']}" in champion.tags["reason"]
+
+
+# --- gate step 3: the served export, loaded from the registry by the server's code -------------
+
+
+@pytest.fixture(scope="module")
+def exported(digits, tmp_path_factory):
+    """A trained model and its real exports (parity measured on the digits)."""
+    from pipelines.data import write_json
+    from pipelines.export import run_export
+    from tests.serving_support import SMALL_EXPORT
+
+    images, labels = digits
+    model = trained(images, labels, epochs=8)
+    out = tmp_path_factory.mktemp("export")
+    write_json(out / "parity.json", run_export(model, images, images, labels, SMALL_EXPORT, out))
+    return model, out
+
+
+def register_with(model, images, labels, export_dir, served="model.onnx"):
+    probs = predict_probabilities(model, images, 64)
+    result = evaluate_probabilities(probs, labels, 3)
+    with mlflow.start_run() as run:
+        pass
+    metrics = {"accuracy": result.accuracy, "loss": result.loss, "data_source": "test"}
+    return register_model(
+        GATE,
+        run.info.run_id,
+        model,
+        metrics,
+        images,
+        labels,
+        64,
+        export_dir=export_dir,
+        served_format=served,
+    )
+
+
+@pytest.mark.parametrize("served", ["model.onnx", "model_float.tflite", "model_int8.tflite"])
+def test_served_export_travels_with_the_version_and_passes_the_infra_check(
+    store, digits, exported, served, tmp_path
+):
+    images, labels = digits
+    model, export_dir = exported
+    record = register_with(model, images, labels, export_dir, served)
+    assert record["alias"] == "champion", record["reason"]
+    version = store.get_model_version("mnist-classifier", str(record["version"]))
+    assert version.tags["served_format"] == served
+    assert float(version.tags["served_check_accuracy"]) >= record["test_accuracy"] - 0.002
+    assert version.tags["parity_passed"] == "true"
+    assert float(version.tags["export.model.onnx.agreement"]) >= 0.999
+    # every export and the parity report are files of the version's model
+    for name in ("model.onnx", "model_float.tflite", "model_int8.tflite", "parity.json"):
+        local = mlflow.artifacts.download_artifacts(
+            f"models:/mnist-classifier/{record['version']}/{name}", dst_path=str(tmp_path)
+        )
+        assert (tmp_path / name).stat().st_size > 0 and local.endswith(name)
+
+
+def test_served_export_that_failed_parity_is_not_promoted(store, digits, exported, tmp_path):
+    import json
+    import shutil
+
+    images, labels = digits
+    model, export_dir = exported
+    broken = tmp_path / "export"
+    shutil.copytree(export_dir, broken)
+    parity = json.loads((broken / "parity.json").read_text())
+    parity["formats"]["model.onnx"].update(
+        passed=False, failures=["agrees with Keras on 99.500% of test images (bar: 99.9%)"]
+    )
+    parity["passed"] = False
+    (broken / "parity.json").write_text(json.dumps(parity))
+    record = register_with(model, images, labels, broken)
+    assert record["alias"] is None
+    assert "failed its parity bars" in record["reason"] and "99.500%" in record["reason"]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.get_model_version_by_alias("mnist-classifier", "champion")
+    tags = store.get_model_version("mnist-classifier", str(record["version"])).tags
+    assert tags["decision"] == "none" and "parity" in tags["reason"]
+
+
+def test_served_export_that_does_not_load_is_not_promoted(store, digits, exported, tmp_path):
+    import shutil
+
+    images, labels = digits
+    model, export_dir = exported
+    # Given a champion, and then a candidate whose ONNX file is corrupt (parity said it passed)
+    first = register_with(model, images, labels, export_dir)
+    assert first["alias"] == "champion"
+    broken = tmp_path / "export"
+    shutil.copytree(export_dir, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    record = register_with(model, images, labels, broken)
+    # Then it gets no alias, the reason says why, and the champion has not moved
+    assert record["alias"] is None
+    assert "model.onnx" in record["reason"] and "failed to load or predict" in record["reason"]
+    champion = store.get_model_version_by_alias("mnist-classifier", "champion")
+    assert str(champion.version) == str(first["version"])

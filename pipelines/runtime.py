@@ -1,0 +1,120 @@
+"""Run an exported model (ONNX or TFLite) without Keras: the one inference path that the export
+stage's parity check, the promotion gate's infra check and the REST server all use.
+
+``load_predictor(path)`` picks the runtime from the file name:
+  - ``*.onnx``: ONNX Runtime (CPU);
+  - ``*.tflite``: the LiteRT interpreter (``ai-edge-litert``), float or full-integer int8.
+
+Every predictor takes (N, 28, 28, 1) float32 images in [0, 1] and returns (N, 10) float32
+probabilities. Predictors are safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+FORMATS = {  # export file name -> what it is
+    "model.onnx": "ONNX (ONNX Runtime)",
+    "model_float.tflite": "TFLite float32",
+    "model_int8.tflite": "TFLite int8, full-integer",
+}
+
+
+class Predictor(Protocol):
+    path: Path
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxPredictor:
+    """ONNX Runtime session; ``run`` is thread-safe, so no lock."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: _checked(images)})[0]
+
+
+class TFLitePredictor:
+    """LiteRT interpreter. It is not thread-safe and its tensors have one shape at a time, so
+    calls are serialised; quantised (uint8) inputs and outputs are converted here."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = -1
+        self.lock = threading.Lock()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        images = _checked(images)
+        if self.input["dtype"] != np.float32:
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            images = np.clip(np.round(images / scale + zero), info.min, info.max)
+            images = images.astype(self.input["dtype"])
+        with self.lock:
+            if len(images) != self.batch:
+                self.interpreter.resize_tensor_input(self.input["index"], images.shape)
+                self.interpreter.allocate_tensors()
+                self.batch = len(images)
+            self.interpreter.set_tensor(self.input["index"], images)
+            self.interpreter.invoke()
+            out = self.interpreter.get_tensor(self.output["index"])
+        if self.output["dtype"] != np.float32:
+            scale, zero = self.output["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out
+
+
+def _checked(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or not len(images):
+        raise ValueError(f"expected images of shape (N>0, 28, 28, 1), got {images.shape}")
+    return images
+
+
+def load_predictor(path: Path, threads: int = 1) -> Predictor:
+    """The predictor for an exported model file, chosen by its suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no exported model there")
+    if path.suffix == ".onnx":
+        return OnnxPredictor(path, threads)
+    if path.suffix == ".tflite":
+        return TFLitePredictor(path, threads)
+    raise ValueError(f"{path}: unknown model format (expected .onnx or .tflite)")
+
+
+def load_registered(
+    model_name: str, version: str | int, file_name: str, dst: Path, threads: int = 1
+) -> Predictor:
+    """Download one exported file of a registry version into ``dst`` and load it.
+
+    The version is pinned (``models:/<name>/<version>/<file>``), so an alias that moves meanwhile
+    cannot mix two versions. The register stage's infra check and the server both load this way.
+    """
+    import mlflow
+
+    uri = f"models:/{model_name}/{version}/{file_name}"
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    except Exception as exc:  # MlflowException, OSError: say which file of which version
+        raise FileNotFoundError(f"{uri}: cannot download ({exc})") from exc
+    return load_predictor(Path(local), threads)

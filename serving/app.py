@@ -1,0 +1,321 @@
+"""The REST API and drawing page serving ``models:/mnist-classifier@champion``.
+
+    make serve                      # http://127.0.0.1:8000 (PORT=... to change it)
+    python -m serving.app --port 8001
+
+Endpoints (all errors are JSON ``{"error": message, "field": name}`` with a 4xx status):
+  POST /v1/models/mnist-classifier:predict  TensorFlow Serving's REST predict API (row format)
+  POST /predict                             the same body; digit, probabilities and model version
+  POST /predict/image                       an uploaded PNG/JPEG of one digit (MNIST preprocessing)
+  GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
+  GET  /                                    the drawing page
+Only the HTTP layer lives here: inference is ``pipelines.runtime``, preprocessing
+``serving.preprocess``, model loading and hot reload ``serving.champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.config import Params, ServeParams, load_params
+from serving.champion import Champion, Loaded
+from serving.preprocess import ImageError, decode, mnist_digit
+
+log = logging.getLogger("serving.app")
+STATIC = Path(__file__).parent / "static"
+IMAGE_PATH = "/predict/image"
+
+
+class InputError(ValueError):
+    """A request the server refuses: status, the field at fault, and why."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+
+
+def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
+    """``{"instances": [image, ...]}`` -> (N, 28, 28, 1) float32 in [0, 1].
+
+    Each image is a 28x28 (or 28x28x1) array of finite numbers, read as 0-1 if its largest value
+    is at most 1 and as 0-255 otherwise. Raises InputError naming the field at fault.
+    """
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(400, "body", f"not valid JSON ({exc})") from None
+    if not isinstance(payload, dict) or "instances" not in payload:
+        raise InputError(422, "instances", 'missing: send {"instances": [image, ...]}')
+    instances = payload["instances"]
+    if not isinstance(instances, list):
+        raise InputError(
+            422, "instances", f"must be a list of images, got {type(instances).__name__}"
+        )
+    if not instances:
+        raise InputError(422, "instances", "is empty: send at least one image")
+    if len(instances) > max_batch:
+        raise InputError(413, "instances", f"has {len(instances)} images; the limit is {max_batch}")
+    images = np.empty((len(instances), 28, 28, 1), dtype=np.float32)
+    for i, instance in enumerate(instances):
+        where = f"instances[{i}]"
+        try:
+            array = np.asarray(instance, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise InputError(
+                422, where, "is not an array of numbers (ragged, or non-numeric values)"
+            ) from None
+        if array.shape == (28, 28, 1):
+            array = array[..., 0]
+        if array.shape != (28, 28):
+            raise InputError(
+                422, where, f"has shape {array.shape}; expected (28, 28) or (28, 28, 1)"
+            )
+        if not np.isfinite(array).all():
+            raise InputError(422, where, "contains NaN or infinity")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 255:
+            raise InputError(
+                422, where, f"values must lie in [0, 1] or [0, 255]; found {low:g} to {high:g}"
+            )
+        images[i, ..., 0] = array if high <= 1 else array / 255.0
+    return images
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over its limit, before the body is read.
+
+    A declared Content-Length over the limit is refused at once; a body without one (chunked) is
+    counted as it streams and refused when it passes the limit. Uploads (``/predict/image``) and
+    JSON bodies have their own limits.
+    """
+
+    def __init__(self, app, max_body_bytes: int, max_upload_bytes: int):
+        self.app, self.max_body, self.max_upload = app, max_body_bytes, max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        upload = scope["path"] == IMAGE_PATH
+        limit, field = (self.max_upload, "file") if upload else (self.max_body, "body")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, field, int(declared), limit)
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise TooLarge(field, seen, limit)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except TooLarge:  # raised where no handler turned it into a response
+            if not started:
+                await self._refuse(send, field, seen, limit)
+
+    @staticmethod
+    async def _refuse(send, field: str, size: int, limit: int):
+        response = error(413, field, TooLarge(field, size, limit).detail)
+        await response({"type": "http"}, None, send)
+
+
+class TooLarge(HTTPException):
+    """A streamed body passed its limit (an HTTPException, so FastAPI's body parsing re-raises it
+    as it is instead of turning it into a 400)."""
+
+    def __init__(self, field: str, size: int, limit: int):
+        super().__init__(413, f"is {size:,} bytes or more; the limit is {limit:,} bytes")
+        self.field = field
+
+
+def create_app(params: Params, champion: Champion | None = None, poll: bool = True) -> FastAPI:
+    """The application. ``champion`` defaults to ``models:/<register.model_name>@<champion_alias>``."""
+    serve: ServeParams = params.serve
+    name = params.register.model_name
+    champion = champion or Champion(
+        name, params.register.champion_alias, serve.format, serve.threads, serve.poll_interval_s
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from pipelines import tracking
+
+        tracking.use_store()
+        champion.refresh()  # a failure leaves /ready at 503 with the reason; polling retries
+        if poll:
+            champion.start()
+        yield
+        champion.stop()
+
+    app = FastAPI(
+        title="MNIST digit classifier",
+        description=f"Serves models:/{name}@{params.register.champion_alias}.",
+        lifespan=lifespan,
+    )
+    app.state.champion = champion
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return error(exc.status, exc.field, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(
+        request: Request, exc: StarletteHTTPException
+    ):  # 404, 405, 413 while streaming
+        field = getattr(exc, "field", "request")
+        return error(exc.status_code, field, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
+        return error(422, field or "body", first["msg"])
+
+    def served() -> Loaded:
+        loaded = champion.current
+        if loaded is None:
+            raise InputError(503, "model", f"no model loaded ({champion.last_error})")
+        return loaded
+
+    instances_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {
+                            "instances": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": serve.max_batch,
+                                "description": "Images, each 28x28 (or 28x28x1) numbers: 0-1 "
+                                "floats, or 0-255 (an image whose largest value is above 1 is "
+                                "read as 0-255). White ink on black, as in MNIST.",
+                                "items": {"type": "array", "items": {"type": "array"}},
+                            }
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+    @app.post(f"/v1/models/{name}:predict", openapi_extra=instances_body)
+    async def tf_serving_predict(request: Request) -> dict[str, Any]:
+        """TensorFlow Serving's REST predict API, row format: ``{"predictions": [[10 probs]]}``."""
+        images = parse_instances(await request.body(), serve.max_batch)
+        return {"predictions": served().predictor.predict(images).tolist()}
+
+    @app.post("/predict", openapi_extra=instances_body)
+    async def predict(request: Request) -> dict[str, Any]:
+        """Digit and probabilities per image, and the model version that answered."""
+        images = parse_instances(await request.body(), serve.max_batch)
+        loaded = served()
+        probs = loaded.predictor.predict(images)
+        return {
+            "model_version": loaded.version,
+            "predictions": [{"digit": int(p.argmax()), "probabilities": p.tolist()} for p in probs],
+        }
+
+    @app.post(IMAGE_PATH)
+    async def predict_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+        """A PNG or JPEG of one handwritten digit, any size, dark on light or light on dark."""
+        try:
+            digit = mnist_digit(decode(await file.read()))
+        except ImageError as exc:
+            raise InputError(422, "file", str(exc)) from None
+        loaded = served()
+        probs = loaded.predictor.predict(digit[None, ..., None].astype(np.float32) / 255.0)[0]
+        return {
+            "model_version": loaded.version,
+            "digit": int(probs.argmax()),
+            "probabilities": probs.tolist(),
+            "input": digit.tolist(),  # the 28x28 the model saw
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """200 once a model is loaded; 503 with the reason before."""
+        if champion.current is None:
+            return JSONResponse({"ready": False, "reason": champion.last_error}, status_code=503)
+        return {"ready": True, "version": champion.current.version}
+
+    @app.get("/model")
+    async def model_info() -> dict[str, Any]:
+        """Name, version, alias, metrics and load time of the served model."""
+        loaded = served()
+        return {
+            "name": loaded.name,
+            "version": loaded.version,
+            "alias": loaded.alias,
+            "format": loaded.format,
+            "run_id": loaded.run_id,
+            "metrics": loaded.metrics,
+            "loaded_at": loaded.loaded_at,
+            "last_reload_error": champion.last_error,
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.add_middleware(
+        BodyLimit, max_body_bytes=serve.max_body_bytes, max_upload_bytes=serve.max_upload_bytes
+    )
+    return app
+
+
+def main() -> None:
+    import argparse
+
+    import uvicorn
+
+    from pipelines.cli import configure_logging
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    configure_logging()
+    params = load_params(args.params)
+    host = args.host or params.serve.host
+    port = args.port or int(os.environ.get("PORT", params.serve.port))
+    uvicorn.run(create_app(params), host=host, port=port, log_level="info", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Helpers shared by the export, register and serving tests: a small trained model and a
+registry holding versions with real exports."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from pipelines.config import ExportParams, ModelParams
+from pipelines.model import build_model, to_model_input
+
+# The export stage's settings, with few latency calls: parity is what the tests check.
+SMALL_EXPORT = ExportParams(
+    representative_images=50,
+    min_agreement=0.999,
+    max_int8_drop=0.002,
+    latency_images=3,
+    latency_batch=32,
+    latency_repeats=2,
+    threads=1,
+)
+
+
+def tiny_trained_model(images: np.ndarray, labels: np.ndarray, epochs: int = 3) -> keras.Model:
+    """A small CNN of the project's architecture, fitted for a few epochs (seconds on a CPU)."""
+    keras.utils.set_random_seed(0)
+    model = build_model(
+        ModelParams(conv1_filters=8, conv2_filters=8, kernel_size=3, dense_units=16, dropout=0.0)
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(to_model_input(images), labels, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def publish_versions(store_dir, params, x_train, y_train, x_test, y_test):
+    """A registry in ``store_dir`` (sqlite) with three versions of one small model, through the
+    real export and register code: v1 champion, v2 challenger (same accuracy, so the gate keeps
+    v1), v3 whose ONNX file is corrupt (no alias). Returns the export folder. MLFLOW_TRACKING_URI
+    must already point at the store."""
+    import shutil
+
+    import mlflow
+
+    from pipelines import tracking
+    from pipelines.data import write_json
+    from pipelines.evaluate import evaluate_probabilities, predict_probabilities
+    from pipelines.export import run_export
+    from pipelines.register import register_model
+
+    tracking.setup("serving-test")
+    model = tiny_trained_model(x_train, y_train)
+    out = store_dir / "export"
+    write_json(out / "parity.json", run_export(model, x_train, x_test, y_test, SMALL_EXPORT, out))
+    broken = store_dir / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.onnx").write_bytes(b"corrupt")
+    gate = params.register.model_copy(update={"min_accuracy": 0.0, "serve_check_images": 50})
+    probs = predict_probabilities(model, x_test, 64)
+    result = evaluate_probabilities(probs, y_test, 3)
+    metrics = {"accuracy": result.accuracy, "loss": result.loss, "data_source": "test"}
+    records = []
+    for export_dir in (out, out, broken):
+        with mlflow.start_run() as run:
+            pass
+        records.append(
+            register_model(
+                gate,
+                run.info.run_id,
+                model,
+                metrics,
+                x_test,
+                y_test,
+                64,
+                export_dir=export_dir,
+                served_format="model.onnx",
+            )
+        )
+    assert [r["alias"] for r in records] == ["champion", "challenger", None], records
+    return model, out

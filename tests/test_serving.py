@@ -1,0 +1,411 @@
+"""The REST API against a real MLflow registry (sqlite in a temporary folder) holding real exports.
+
+In-process tests use FastAPI's TestClient (the whole ASGI app, lifespan included); the upload limit
+and the entry point are tested on a real uvicorn server on loopback (`python -m serving.app`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipelines.config import load_params
+from serving.app import create_app, parse_instances
+from serving.champion import Champion
+from serving.preprocess import mnist_digit
+from tests.conftest import PARAMS_PATH, REPO, make_arrays
+from tests.serving_support import publish_versions
+
+NAME = "mnist-classifier"
+MAX_BATCH = 8
+PREDICT = "/predict"
+TF_PREDICT = f"/v1/models/{NAME}:predict"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """(store folder, Keras model, test images): v1 champion, v2 challenger, v3 corrupt."""
+    store = tmp_path_factory.mktemp("registry")
+    x_train, y_train, x_test, y_test = make_arrays(n_train=300, n_test=100)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        mp.chdir(store)
+        model, _ = publish_versions(
+            store, load_params(PARAMS_PATH), x_train, y_train, x_test, y_test
+        )
+    return store, model, x_test
+
+
+@pytest.fixture(scope="module")
+def test_params():
+    params = load_params(PARAMS_PATH)
+    return params.model_copy(
+        update={"serve": params.serve.model_copy(update={"max_batch": MAX_BATCH})}
+    )
+
+
+@pytest.fixture
+def served(registry, test_params, monkeypatch, tmp_path):
+    """A TestClient on the app, polling the alias every 0.2 s, and the client for the registry."""
+    from pipelines import tracking
+
+    store, _, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    tracking.use_store()
+    registry_client = tracking.client()
+    registry_client.set_registered_model_alias(NAME, "champion", "1")
+    champion = Champion(NAME, "champion", "model.onnx", poll_interval_s=0.2, cache_dir=tmp_path)
+    with TestClient(create_app(test_params, champion)) as client:
+        yield client, registry_client
+    registry_client.set_registered_model_alias(NAME, "champion", "1")
+
+
+def body(images) -> dict:
+    return {"instances": np.asarray(images).tolist()}
+
+
+def test_ready_and_model_describe_the_champion(served):
+    client, _ = served
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True, "version": "1"}
+    info = client.get("/model").json()
+    assert info["name"] == NAME and info["version"] == "1" and info["alias"] == "champion"
+    assert info["format"] == "model.onnx" and info["loaded_at"]
+    assert 0 <= info["metrics"]["test_accuracy"] <= 1 and info["last_reload_error"] is None
+
+
+def test_predict_matches_keras_for_both_value_scales(served, registry):
+    client, _ = served
+    _, model, x_test = registry
+    images = x_test[:5]
+    expected = model.predict(images[..., None] / 255.0, verbose=0)
+    as_bytes = client.post(PREDICT, json=body(images)).json()  # 0-255 integers
+    as_floats = client.post(PREDICT, json=body(images / 255.0)).json()  # 0-1 floats
+    assert as_bytes["model_version"] == "1"
+    for answer in (as_bytes, as_floats):
+        digits = [p["digit"] for p in answer["predictions"]]
+        assert digits == expected.argmax(axis=1).tolist()
+        probs = np.array([p["probabilities"] for p in answer["predictions"]])
+        assert np.abs(probs - expected).max() < 1e-4
+
+
+def test_tf_serving_api_row_format(served, registry):
+    client, _ = served
+    _, model, x_test = registry
+    images = x_test[:3, :, :, None] / 255.0  # 28x28x1, as a TF Serving client sends them
+    response = client.post(TF_PREDICT, json=body(images))
+    assert response.status_code == 200
+    predictions = np.array(response.json()["predictions"])
+    assert predictions.shape == (3, 10)
+    assert np.abs(predictions - model.predict(images, verbose=0)).max() < 1e-4
+
+
+GOOD = np.zeros((28, 28)).tolist()
+
+
+def with_first_pixel(token: str) -> str:
+    """A one-image JSON body whose first pixel is ``token`` (NaN, Infinity: Python's json accepts
+    them, so the server must check)."""
+    return json.dumps({"instances": [GOOD]}).replace("0.0", token, 1)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "field", "words"),
+    [
+        ({"instances": [np.zeros((27, 28)).tolist()]}, 422, "instances[0]", "shape (27, 28)"),
+        ({"instances": [GOOD, np.zeros((28, 28, 3)).tolist()]}, 422, "instances[1]", "shape"),
+        ({"instances": [[[1, 2], [3]]]}, 422, "instances[0]", "not an array of numbers"),
+        ({"instances": [[["a"] * 28] * 28]}, 422, "instances[0]", "not an array of numbers"),
+        (with_first_pixel("NaN"), 422, "instances[0]", "NaN or infinity"),
+        (with_first_pixel("Infinity"), 422, "instances[0]", "NaN or infinity"),
+        ({"instances": [GOOD, np.full((28, 28), 300).tolist()]}, 422, "instances[1]", "300"),
+        ({"instances": [np.full((28, 28), -1).tolist()]}, 422, "instances[0]", "-1"),
+        ({"instances": []}, 422, "instances", "empty"),
+        ({"instances": [GOOD] * (MAX_BATCH + 1)}, 413, "instances", f"limit is {MAX_BATCH}"),
+        ({"images": [GOOD]}, 422, "instances", "missing"),
+        ({"instances": "zeros"}, 422, "instances", "list of images"),
+        ("this is not json", 400, "body", "not valid JSON"),
+    ],
+    ids=[
+        "rows",
+        "channels",
+        "ragged",
+        "strings",
+        "nan",
+        "inf",
+        "over-255",
+        "negative",
+        "empty",
+        "over-batch-limit",
+        "no-instances",
+        "not-a-list",
+        "not-json",
+    ],
+)
+@pytest.mark.parametrize("path", [PREDICT, TF_PREDICT])
+def test_bad_json_input_gets_a_4xx_naming_the_field(served, path, payload, status, field, words):
+    client, _ = served
+    if isinstance(payload, str):
+        response = client.post(path, content=payload, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=payload)
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert answer["field"] == field and words in answer["error"], answer
+    assert "Traceback" not in response.text
+    # and the server keeps serving
+    assert client.post(path, json={"instances": [GOOD]}).status_code == 200
+
+
+def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_predict_image_runs_mnist_preprocessing(served, registry):
+    client, _ = served
+    _, model, x_test = registry
+    # A test digit drawn large, dark ink on light paper, as a photo of a page would be
+    big = np.asarray(Image.fromarray(255 - x_test[0]).resize((200, 160)))
+    for fmt in ("PNG", "JPEG"):
+        data = png(big, fmt)
+        response = client.post("/predict/image", files={"file": (f"d.{fmt.lower()}", data)})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        seen = np.array(answer["input"], dtype=np.uint8)
+        assert np.array_equal(seen, mnist_digit(Image.open(io.BytesIO(data))))
+        expected = model.predict(seen[None, ..., None] / 255.0, verbose=0)[0]
+        assert answer["digit"] == int(expected.argmax())
+        assert np.abs(np.array(answer["probabilities"]) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "field", "words"),
+    [
+        ({"file": ("d.png", b"definitely not an image")}, 422, "file", "not a PNG or JPEG"),
+        ({"file": ("d.png", png(np.full((40, 40), 255, np.uint8)))}, 422, "file", "blank"),
+        ({"upload": ("d.png", png(np.zeros((28, 28), np.uint8)))}, 422, "file", "Field required"),
+    ],
+    ids=["not-an-image", "blank", "no-file-field"],
+)
+def test_bad_uploads_get_a_4xx_naming_the_field(served, files, status, field, words):
+    client, _ = served
+    response = client.post("/predict/image", files=files)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field and words in response.json()["error"]
+    assert client.get("/ready").status_code == 200
+
+
+def test_body_over_the_limit_gets_413_from_its_declared_length(served, test_params):
+    client, _ = served
+    limit = test_params.serve.max_upload_bytes
+    big = b"\0" * (limit + 1)
+    response = client.post("/predict/image", files={"file": ("big.png", big)})
+    assert response.status_code == 413
+    assert response.json()["field"] == "file" and "limit" in response.json()["error"]
+
+
+def test_alias_move_is_hot_reloaded_without_dropping_requests(served):
+    client, registry_client = served
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            answer = client.post(PREDICT, json={"instances": [GOOD]})
+            statuses.append(answer.status_code)
+            versions.add(answer.json().get("model_version", "?"))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        registry_client.set_registered_model_alias(NAME, "champion", "2")
+        deadline = time.monotonic() + 15
+        while client.get("/model").json()["version"] != "2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert client.get("/model").json()["version"] == "2"
+    assert statuses and set(statuses) == {200}, (
+        f"{len(statuses)} requests, statuses {set(statuses)}"
+    )
+    assert versions == {"1", "2"}
+
+    # A version whose export is corrupt: the reload fails, the old model keeps serving
+    registry_client.set_registered_model_alias(NAME, "champion", "3")
+    deadline = time.monotonic() + 15
+    while client.get("/model").json()["last_reload_error"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = client.get("/model").json()
+    assert info["version"] == "2"
+    assert "v3" in info["last_reload_error"] and "still serving v2" in info["last_reload_error"]
+    assert client.post(PREDICT, json={"instances": [GOOD]}).status_code == 200
+
+
+def test_ready_is_503_with_the_reason_until_a_model_loads(
+    registry, test_params, monkeypatch, tmp_path
+):
+    store, _, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    champion = Champion("no-such-model", "champion", "model.onnx", cache_dir=tmp_path)
+    with TestClient(create_app(test_params, champion, poll=False)) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert "no-such-model@champion does not resolve" in response.json()["reason"]
+        answer = client.post(PREDICT, json={"instances": [GOOD]})
+        assert answer.status_code == 503 and answer.json()["field"] == "model"
+        assert client.get("/health").status_code == 200
+
+
+def test_parse_instances_reads_each_scale_per_image():
+    images = parse_instances(json.dumps(body([np.full((28, 28), 255), np.full((28, 28), 0.5)])), 4)
+    assert images.shape == (2, 28, 28, 1) and images.dtype == np.float32
+    assert images[0].max() == 1.0 and images[1].max() == 0.5
+
+
+# --- the entry point, on a real uvicorn server --------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(registry, tmp_path_factory):
+    """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
+    store, _, _ = registry
+    params = yaml.safe_load(PARAMS_PATH.read_text())
+    params["serve"]["poll_interval_s"] = 1
+    params_file = tmp_path_factory.mktemp("serve") / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.app", "--params", str(params_file)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise RuntimeError("server not ready in 90 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_entry_point_serves_the_champion_on_loopback(live_server):
+    answer = httpx.post(f"{live_server}{PREDICT}", json={"instances": [GOOD]}, timeout=10)
+    assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+    page = httpx.get(f"{live_server}/", timeout=10)
+    assert page.status_code == 200 and "<canvas" in page.text
+
+
+def raw_post(url: str, head: str, chunks, timeout: float = 10.0) -> tuple[int, int]:
+    """Send a request by hand; stop sending once the server answers. (status, body bytes sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        sent, reply = 0, b""
+        for chunk in chunks:
+            sock.settimeout(0.001)  # has the server answered yet?
+            with contextlib.suppress(TimeoutError, BlockingIOError):
+                reply += sock.recv(65536)
+            if reply:
+                break
+            sock.settimeout(timeout)
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        sock.settimeout(timeout)
+        while b"\r\n" not in reply:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"connection closed after {sent:,} bytes, no answer")
+            reply += data
+    return int(reply.split(b" ")[1]), sent
+
+
+def test_20_mb_upload_gets_413_without_being_read_whole(live_server):
+    size = 20 * 1024 * 1024
+    head = (
+        "POST /predict/image HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    )
+    chunk = b"\0" * 65536
+    status, sent = raw_post(live_server, head, (chunk for _ in range(size // len(chunk))))
+    assert status == 413
+    assert sent < size // 2, f"sent {sent:,} of {size:,} bytes before the answer"
+
+
+def test_chunked_upload_over_the_limit_gets_413_while_streaming(live_server):
+    head = (
+        "POST /predict/image HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+
+    def chunked(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    # a well-formed multipart start, then 20 MB of file content in 64 KB chunks
+    preamble = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    piece = chunked(b"\0" * 65536)
+    chunks = [chunked(preamble), *[piece] * (20 * 1024 * 1024 // 65536)]
+    status, sent = raw_post(live_server, head, iter(chunks))
+    assert status == 413
+    assert sent < 20 * 1024 * 1024 // 2
+
+
+def test_unknown_paths_and_methods_answer_in_the_same_error_format(served):
+    client, _ = served
+    missing = client.get("/v1/models/other-model:predict")
+    assert missing.status_code in (404, 405) and "error" in missing.json()
+    wrong = client.get(PREDICT)
+    assert wrong.status_code == 405 and "error" in wrong.json()
