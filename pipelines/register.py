@@ -185,6 +185,19 @@ def register_model(
                 exc,
             )
             champion = None
+    unservable = None
+    if champion is not None and export_dir is not None:
+        # A champion registered before the export stage (or with a broken export) cannot be served:
+        # it must not keep the alias from a candidate that can.
+        from pipelines.runtime import load_registered
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                load_registered(params.model_name, champion.version, served_format, Path(tmp))
+        except Exception as exc:
+            unservable = f"v{champion.version} cannot be served ({exc})"
+            log.warning("current champion %s; treating as absent", unservable)
+            champion, champion_accuracy = None, None
 
     from mlflow.models import infer_signature
 
@@ -208,6 +221,8 @@ def register_model(
         decision = decide_promotion(
             params, metrics["accuracy"], champion_accuracy, champion.version if champion else None
         )
+        if unservable and decision.alias == params.champion_alias:
+            decision = Decision(decision.alias, f"{decision.reason}; the previous champion {unservable}")
         # Infra check: the registered artefact must load and predict like the model we evaluated.
         n = min(LOAD_CHECK_IMAGES, len(x_test))
         batch = to_model_input(x_test[:n])

@@ -43,7 +43,13 @@ def study_key(params: Params, source_record: dict) -> str:
             # what a trial uses of train (dvc.yaml lists the same keys for the tune stage)
             "train": params.train.model_dump(
                 # a trial's value is its best epoch's metric, whichever weights it ends with
-                exclude={"epochs", "max_images", "early_stopping_patience", "restore_best_weights"}
+                exclude={
+                    "epochs",
+                    "max_images",
+                    "early_stopping_patience",
+                    "restore_best_weights",
+                    "ema_momentum",
+                }
             ),
             "augment": params.augment.model_dump(),
             "data": source_record.get("files"),
@@ -243,6 +249,10 @@ def run_study(
                 "max_images": tune.trial_images,
                 "epochs": tune.trial_epochs,
                 "early_stopping_patience": tune.trial_epochs,  # the pruner decides, not ES
+                # Keras' weight average starts from the random initial weights and, at 0.999,
+                # still holds half of them after 700 steps: a trial's few epochs would score the
+                # start, not the trial. Trials compare raw weights; train adds the average.
+                "ema_momentum": 0.0,
             }
         )
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:

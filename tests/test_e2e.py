@@ -85,7 +85,7 @@ def test_champion_loads_from_registry_and_predicts(repro):
         version.tags["decision"] == "champion" and "no current champion" in version.tags["reason"]
     )
     # The served export passed the infra check and travels with the version
-    assert version.tags["served_format"] == "model.onnx"
+    assert version.tags["served_format"] == "model_float.tflite"  # params.yaml's serve.format
     assert float(version.tags["served_check_accuracy"]) > 0.5
 
 
@@ -177,3 +177,32 @@ def test_failed_validation_stops_before_training_and_registers_nothing(tmp_path)
         [client.get_experiment_by_name("mnist-classifier").experiment_id], "tags.stage = 'validate'"
     )
     assert failed and failed[0].info.status == "FAILED"
+
+
+def test_serve_load_benchmark_runs_against_the_champion(repro):
+    """Benchmark smoke test: the load test and the batch comparison run and print their figures
+    (no timing is asserted)."""
+    workdir, _ = repro
+    result = run_in(
+        workdir,
+        "benchmarks.serve_load",
+        "--seconds",
+        "1",
+        "--max-requests",
+        "100",
+        "--repeats",
+        "1",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    table = [row for row in rows if row and row[0] in ("CONSTANT", "PREDICT")]
+    assert [(row[0], row[1]) for row in table] == [
+        ("CONSTANT", "1"),
+        ("CONSTANT", "32"),
+        ("PREDICT", "1"),
+        ("PREDICT", "32"),
+    ]
+    assert all(int(row[2]) > 0 and int(row[3]) == 0 for row in table)  # answered, none failed
+    assert "32 client(s): PREDICT/CONSTANT req/s" in result.stdout
+    assert "Keras predict (baseline)" in result.stdout and "model.onnx" in result.stdout

@@ -209,3 +209,16 @@ def test_served_export_that_does_not_load_is_not_promoted(store, digits, exporte
     assert "model.onnx" in record["reason"] and "failed to load or predict" in record["reason"]
     champion = store.get_model_version_by_alias("mnist-classifier", "champion")
     assert str(champion.version) == str(first["version"])
+
+
+def test_champion_without_a_served_export_gives_way_to_one_with(store, digits, exported):
+    images, labels = digits
+    model, export_dir = exported
+    # Given a champion registered before the export stage existed (no exports in its files)
+    old = register(model, images, labels)
+    assert old["alias"] == "champion"
+    # When an equally good candidate with exports is registered
+    new = register_with(model, images, labels, export_dir)
+    # Then it takes the alias (a champion the server cannot load is no champion), and says why
+    assert new["alias"] == "champion"
+    assert f"the previous champion v{old['version']} cannot be served" in new["reason"]

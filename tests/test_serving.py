@@ -409,3 +409,70 @@ def test_unknown_paths_and_methods_answer_in_the_same_error_format(served):
     assert missing.status_code in (404, 405) and "error" in missing.json()
     wrong = client.get(PREDICT)
     assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+# --- the drawing page, in a real headless Chromium -------------------------------------------
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(
+    chromium_paths() is None,
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server):
+    import base64
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium_paths()
+    options = Options()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(f"{live_server}/")
+        canvas = driver.find_element(By.ID, "pad")
+        # A vertical stroke down the middle of the canvas: a "1"
+        actions = ActionChains(driver)
+        actions.move_to_element_with_offset(canvas, 0, -90).click_and_hold()
+        for _ in range(9):
+            actions.move_by_offset(2, 20)
+        actions.release().perform()
+        driver.find_element(By.ID, "predict").click()
+        WebDriverWait(driver, 20).until(
+            lambda d: (
+                d.find_element(By.ID, "digit").text not in ("?", "")
+                or d.find_element(By.ID, "error").text
+            )
+        )
+        assert driver.find_element(By.ID, "error").text == ""
+        shown = int(driver.find_element(By.ID, "digit").text)
+        bars = driver.find_elements(By.CSS_SELECTOR, "#probs .bar")
+        assert len(bars) == 10
+        assert "model version 1" in driver.find_element(By.ID, "meta").text
+        # The page shows what the server answers for that very drawing
+        data_url = driver.execute_script("return document.getElementById('pad').toDataURL();")
+        drawing = base64.b64decode(data_url.split(",", 1)[1])
+    finally:
+        driver.quit()
+    answer = httpx.post(
+        f"{live_server}/predict/image", files={"file": ("d.png", drawing)}, timeout=10
+    ).json()
+    assert answer["digit"] == shown
+    ink = np.array(answer["input"])
+    rows = np.flatnonzero(ink.max(axis=1) > 50)
+    cols = np.flatnonzero(ink.max(axis=0) > 50)
+    assert rows[-1] - rows[0] > 2 * (cols[-1] - cols[0])  # the stroke arrived tall and thin
