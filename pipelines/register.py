@@ -222,7 +222,9 @@ def register_model(
             params, metrics["accuracy"], champion_accuracy, champion.version if champion else None
         )
         if unservable and decision.alias == params.champion_alias:
-            decision = Decision(decision.alias, f"{decision.reason}; the previous champion {unservable}")
+            decision = Decision(
+                decision.alias, f"{decision.reason}; the previous champion {unservable}"
+            )
         # Infra check: the registered artefact must load and predict like the model we evaluated.
         n = min(LOAD_CHECK_IMAGES, len(x_test))
         batch = to_model_input(x_test[:n])
