@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui serve bench bench-time bench-augment clean-smoke
+.PHONY: help install run flow smoke test lint format ui serve bench bench-serve bench-time bench-augment clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,8 +56,12 @@ serve: $(STAMP) ## REST API + drawing page for models:/mnist-classifier@champion
 clean-smoke: ## remove the smoke run's scratch copy
 	rm -rf .smoke
 
-bench: $(STAMP) ## benchmark: training throughput vs the seed recipe, median of 3 (needs data/raw from `make run`)
+bench: $(STAMP) ## benchmarks: training throughput vs the seed recipe, then the server under load (needs `make run`)
 	$(BIN)/python -m benchmarks.speed
+	$(BIN)/python -m benchmarks.serve_load
+
+bench-serve: $(STAMP) ## benchmark: the REST server under load on loopback vs a constant FastAPI endpoint
+	$(BIN)/python -m benchmarks.serve_load
 
 bench-time: $(STAMP) ## benchmark: wall time to the seed recipe's final accuracy, full data (~30 min)
 	$(BIN)/python -m benchmarks.time_to_accuracy
