@@ -268,15 +268,20 @@ def create_app(params: Params, champion: Champion | None = None, poll: bool = Tr
         return json_response({"predictions": served().predictor.predict(images)})
 
     @app.post("/predict", openapi_extra=instances_body)
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> Response:
         """Digit and probabilities per image, and the model version that answered."""
         images = parse_instances(await request.body(), serve.max_batch)
         loaded = served()
         probs = loaded.predictor.predict(images)
-        return {
-            "model_version": loaded.version,
-            "predictions": [{"digit": int(p.argmax()), "probabilities": p.tolist()} for p in probs],
-        }
+        digits = probs.argmax(axis=1).tolist()
+        return json_response(
+            {
+                "model_version": loaded.version,
+                "predictions": [
+                    {"digit": d, "probabilities": row} for d, row in zip(digits, probs, strict=True)
+                ],
+            }
+        )
 
     @app.post(IMAGE_PATH)
     async def predict_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
