@@ -21,13 +21,19 @@ async def predict(request: Request) -> dict[str, int]:
     return {"digit": 0}
 
 
+def constant_app() -> FastAPI:
+    return app
+
+
 def main() -> None:
-    import uvicorn
+    from serving.app import run_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    target = app if args.workers == 1 else "benchmarks.constant_app:constant_app"
+    run_server(target, "127.0.0.1", args.port, args.workers, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Benchmark: the REST server under load on loopback, against FastAPI's own ceiling.
 
 Baseline: CONSTANT, a plain FastAPI endpoint that reads the same request and returns a constant
-(benchmarks/constant_app.py), served by uvicorn with the same settings: what the framework can do.
+(benchmarks/constant_app.py), served by uvicorn with the same settings (``serve.workers`` processes
+each, or ``--workers``): what the framework can do.
 Compared: PREDICT, ``POST /predict`` of the real server (``python -m serving.app``) with one
 28x28 image per request, predicting with the champion's ``serve.format`` export.
 
@@ -160,6 +161,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5, help="batch-throughput repeats")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument(
+        "--workers", type=int, help="server processes of both servers (default: serve.workers)"
+    )
     args = parser.parse_args()
     params = load_params(args.params)
 
@@ -167,9 +171,10 @@ def main() -> None:
 
     data = load_raw(Path("data/raw"), params.ingest.file_names)
     body = json.dumps({"instances": [data.x_test[0].tolist()]}).encode()
+    workers = ["--workers", str(args.workers or params.serve.workers)]
     servers = {
-        "CONSTANT": (["benchmarks.constant_app"], "/ready", "/predict"),
-        "PREDICT": (["serving.app", "--params", args.params], "/ready", "/predict"),
+        "CONSTANT": (["benchmarks.constant_app", *workers], "/ready", "/predict"),
+        "PREDICT": (["serving.app", "--params", args.params, *workers], "/ready", "/predict"),
     }
     results: dict[str, list[dict]] = {}
     for name, (argv, ready, path) in servers.items():
@@ -185,7 +190,10 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=20)
 
-    print(f"\nPOST /predict, one 28x28 image per request, loopback; {params.serve.format}")
+    print(
+        f"\nPOST /predict, one 28x28 image per request, loopback; {params.serve.format}, "
+        f"{workers[1]} server process(es) each"
+    )
     print(
         f"{'server':10} {'clients':>7} {'requests':>8} {'fail':>5} {'p50 ms':>7} {'p99 ms':>7} {'req/s':>8}"
     )

@@ -184,7 +184,7 @@ def main() -> None:
     from pipelines.model import to_model_input
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--out", default="data/augment")
     args = parser.parse_args()
     all_params = load_params(args.params)

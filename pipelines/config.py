@@ -39,6 +39,11 @@ class IngestParams(Section):
         return {key: spec.name for key, spec in self.files.items()}
 
 
+class MergeParams(Section):
+    on_bad_file: Literal["skip", "refuse"]  # skip: merge the good files; refuse: none of the batch
+    max_files: int = Field(ge=1)  # a batch with more incoming files than this is refused
+
+
 class ValidateParams(Section):
     image_shape: tuple[int, int]
     min_train_images: int = Field(ge=1)
@@ -186,9 +191,19 @@ class ServeParams(Section):
     port: int = Field(ge=1, le=65535)  # PORT in the environment overrides it
     poll_interval_s: float = Field(gt=0)  # how often the champion alias is checked for a move
     threads: int = Field(ge=1)  # runtime threads per request
+    workers: int = Field(ge=1)  # server processes, each with its own model
     max_batch: int = Field(ge=1)  # images per request
     max_body_bytes: int = Field(ge=1)  # JSON request bodies
     max_upload_bytes: int = Field(ge=1)  # uploaded images
+    feedback: bool  # POST /feedback (the page's "correct this prediction") saves to data/incoming
+
+
+class DeployParams(Section):
+    retrain_cron: str = Field(min_length=9)  # the scheduled-retrain deployment's cron schedule
+    timezone: str  # the cron's time zone
+    lock_wait_s: float = Field(
+        ge=0
+    )  # a training waits this long for a running one, then is skipped
 
 
 class TrackingParams(Section):
@@ -198,6 +213,7 @@ class TrackingParams(Section):
 class Params(Section):
     tracking: TrackingParams
     ingest: IngestParams
+    merge: MergeParams
     validate_: ValidateParams = Field(alias="validate")
     augment: AugmentParams
     tune: TuneParams
@@ -206,6 +222,7 @@ class Params(Section):
     export: ExportParams
     register_: RegisterParams = Field(alias="register")
     serve: ServeParams
+    deploy: DeployParams
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -206,7 +206,7 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--model", default="data/model")
     parser.add_argument("--out", default="data/export")
     args = parser.parse_args()

@@ -293,7 +293,7 @@ def main() -> None:
     from pipelines.data import load_raw
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--model", default="data/model")
     parser.add_argument("--metrics", default="data/reports/metrics.json")
     parser.add_argument("--export", default="data/export", help="the export stage's output")
@@ -314,7 +314,12 @@ def main() -> None:
         data.x_test,
         data.y_test,
         params.evaluate.batch_size,
-        extra_tags={"git_commit": tracking.git_commit()},
+        extra_tags={
+            "git_commit": tracking.git_commit(),
+            "data_version": tracking.client()
+            .get_run(run_id)
+            .data.tags.get("data_version", "unknown"),
+        },
         export_dir=Path(args.export),
         served_format=params.serve.format,
     )

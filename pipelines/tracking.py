@@ -22,6 +22,7 @@ from pipelines.config import Params
 from pipelines.data import write_json
 
 MLRUNS_DIR = Path("mlruns")
+DATASET_DIR = "data/dataset"  # the merge stage's output, the data every later stage reads
 RUN_FILE = "run.json"  # the training run's id, passed from train to evaluate and register
 
 
@@ -98,13 +99,20 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
 
 
 def lineage_tags(source_record: dict) -> dict[str, str]:
-    """Tags every training run carries: commit, data source, data checksums and DVC hashes."""
+    """Tags every training run carries: commit, data source, data checksums and DVC hashes.
+
+    ``data_version`` is DVC's hash of data/dataset (the merge stage's output): the training set
+    the model saw. ``incoming.digits_added`` says how many digits the merge stage added from data/incoming.
+    """
     tags = {
         "git_commit": git_commit(),
         "data_source": source_record.get("data_source", "unknown"),
     }
     tags.update({f"sha256.{name}": sha for name, sha in source_record.get("files", {}).items()})
-    tags.update(dvc_lock_hashes())
+    tags.update({f"incoming.{k}": str(v) for k, v in source_record.get("incoming", {}).items()})
+    hashes = dvc_lock_hashes()
+    tags.update(hashes)
+    tags["data_version"] = hashes.get(f"dvc.{DATASET_DIR}", "unknown")
     return tags
 
 

@@ -325,7 +325,7 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--policy", default="data/augment/policy.json")
     parser.add_argument(
         "--best-params", default="data/tune/best_params.json", help="the tune stage's overrides"

@@ -328,7 +328,7 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--policy", default="data/augment/policy.json")
     parser.add_argument("--out", default="data/tune")
     args = parser.parse_args()

@@ -199,7 +199,7 @@ def main() -> None:
     from pipelines.cli import StageError, base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--out", default="data/validation")
     args = parser.parse_args()
     all_params = load_params(args.params)

@@ -1,12 +1,14 @@
 """The REST API and drawing page serving ``models:/mnist-classifier@champion``.
 
     make serve                      # http://127.0.0.1:8000 (PORT=... to change it)
-    python -m serving.app --port 8001
+    python -m serving.app --port 8001 --workers 2   # one process (and model) per worker
 
 Endpoints (all errors are JSON ``{"error": message, "field": name}`` with a 4xx status):
   POST /v1/models/mnist-classifier:predict  TensorFlow Serving's REST predict API (row format)
   POST /predict                             the same body; digit, probabilities and model version
   POST /predict/image                       an uploaded PNG/JPEG of one digit (MNIST preprocessing)
+  POST /feedback                            a corrected digit, saved to data/incoming/<label>/ for
+                                            the next training (the page's "correct" button)
   GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
   GET  /                                    the drawing page
 Only the HTTP layer lives here: inference is ``pipelines.runtime``, preprocessing
@@ -27,9 +29,11 @@ import orjson
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.config import Params, ServeParams, load_params
+from pipelines.merge import INCOMING_DIR, save_incoming
 from serving.champion import Champion, Loaded
 from serving.preprocess import ImageError, decode, mnist_digit
 
@@ -80,28 +84,31 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
     # Something is wrong: find the first image at fault and say what.
     images = np.empty((len(instances), 28, 28, 1), dtype=np.float32)
     for i, instance in enumerate(instances):
-        where = f"instances[{i}]"
-        try:
-            array = np.asarray(instance, dtype=np.float64)
-        except (ValueError, TypeError):
-            raise InputError(
-                422, where, "is not an array of numbers (ragged, or non-numeric values)"
-            ) from None
-        if array.shape == (28, 28, 1):
-            array = array[..., 0]
-        if array.shape != (28, 28):
-            raise InputError(
-                422, where, f"has shape {array.shape}; expected (28, 28) or (28, 28, 1)"
-            )
-        if not np.isfinite(array).all():
-            raise InputError(422, where, "contains NaN or infinity")
-        low, high = float(array.min()), float(array.max())
-        if low < 0 or high > 255:
-            raise InputError(
-                422, where, f"values must lie in [0, 1] or [0, 255]; found {low:g} to {high:g}"
-            )
-        images[i, ..., 0] = array if high <= 1 else array / 255.0
+        images[i, ..., 0] = read_image(instance, f"instances[{i}]")
     return images
+
+
+def read_image(instance: Any, where: str) -> np.ndarray:
+    """One image, 28x28 (or 28x28x1) finite numbers in [0, 1] or [0, 255] -> (28, 28) float32 in
+    [0, 1]. Raises InputError naming ``where``."""
+    try:
+        array = np.asarray(instance, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InputError(
+            422, where, "is not an array of numbers (ragged, or non-numeric values)"
+        ) from None
+    if array.shape == (28, 28, 1):
+        array = array[..., 0]
+    if array.shape != (28, 28):
+        raise InputError(422, where, f"has shape {array.shape}; expected (28, 28) or (28, 28, 1)")
+    if not np.isfinite(array).all():
+        raise InputError(422, where, "contains NaN or infinity")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise InputError(
+            422, where, f"values must lie in [0, 1] or [0, 255]; found {low:g} to {high:g}"
+        )
+    return (array if high <= 1 else array / 255.0).astype(np.float32)
 
 
 def _well_formed(instances: list) -> np.ndarray | None:
@@ -187,8 +194,24 @@ class TooLarge(HTTPException):
         self.field = field
 
 
-def create_app(params: Params, champion: Champion | None = None, poll: bool = True) -> FastAPI:
-    """The application. ``champion`` defaults to ``models:/<register.model_name>@<champion_alias>``."""
+class Correction(BaseModel):
+    """The page's "correct this prediction": the digit the model saw and its right label."""
+
+    image: list = Field(
+        description="28x28 numbers, 0-255 or 0-1, light ink on dark: the `input` that "
+        "POST /predict/image returned"
+    )
+    label: int = Field(ge=0, le=9, description="the digit it really is")
+
+
+def create_app(
+    params: Params,
+    champion: Champion | None = None,
+    poll: bool = True,
+    incoming_dir: Path = INCOMING_DIR,
+) -> FastAPI:
+    """The application. ``champion`` defaults to ``models:/<register.model_name>@<champion_alias>``;
+    corrections (POST /feedback) are saved under ``incoming_dir`` for the merge stage."""
     serve: ServeParams = params.serve
     name = params.register.model_name
     champion = champion or Champion(
@@ -299,6 +322,22 @@ def create_app(params: Params, champion: Champion | None = None, poll: bool = Tr
             "input": digit.tolist(),  # the 28x28 the model saw
         }
 
+    @app.post("/feedback", status_code=201)
+    async def feedback(correction: Correction) -> dict[str, Any]:
+        """Save a corrected digit as ``data/incoming/<label>/*.png``: the next training run's merge
+        stage checks it and adds it to the training set."""
+        if not serve.feedback:
+            raise InputError(403, "feedback", "is switched off here (serve.feedback: false)")
+        image = read_image(correction.image, "image")
+        digit = np.round(image * 255).astype(np.uint8)
+        path = save_incoming(digit, correction.label, incoming_dir)
+        log.info("correction saved: %s", path)
+        return {
+            "saved": str(path),
+            "label": correction.label,
+            "note": "joins the training set at the next training run (merge stage)",
+        }
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the process answers."""
@@ -336,10 +375,43 @@ def create_app(params: Params, champion: Champion | None = None, poll: bool = Tr
     return app
 
 
-def main() -> None:
-    import argparse
+def app_from_environment() -> FastAPI:
+    """The application for one of several worker processes (``--workers`` above 1): each worker
+    builds its own from the params file named in ``MNIST_SERVE_PARAMS`` and polls the alias
+    itself (``MNIST_SERVE_INCOMING``: where corrections go)."""
+    return create_app(
+        load_params(os.environ.get("MNIST_SERVE_PARAMS", "params.yaml")),
+        incoming_dir=Path(os.environ.get("MNIST_SERVE_INCOMING", INCOMING_DIR)),
+    )
+
+
+def run_server(
+    app: FastAPI | str, host: str, port: int, workers: int = 1, log_level: str = "info"
+) -> None:
+    """Serve ``app`` under uvicorn; with ``workers`` above 1, ``app`` is an import string of an
+    application factory and each worker process runs its own.
+
+    uvicorn's multi-worker mode binds its socket with protocol 0, so asyncio does not set
+    TCP_NODELAY on the connections it accepts: Nagle's algorithm then holds each response until
+    the client's delayed ACK, and every request takes 40 ms or more. The listening socket is
+    rebuilt here from its descriptor, so that it reports TCP and the option is set.
+    """
+    import socket
 
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    options = dict(host=host, port=port, log_level=log_level, access_log=False)
+    if workers == 1:
+        uvicorn.run(app, **options)
+        return
+    config = uvicorn.Config(app, factory=True, workers=workers, **options)
+    listening = socket.socket(fileno=config.bind_socket().detach())
+    Multiprocess(config, sockets=[listening]).run()
+
+
+def main() -> None:
+    import argparse
 
     from pipelines.cli import configure_logging
 
@@ -347,12 +419,26 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
+    parser.add_argument(
+        "--workers", type=int, help="server processes, each with its own model (serve.workers)"
+    )
+    parser.add_argument(
+        "--incoming",
+        default=str(INCOMING_DIR),
+        help=f"where POST /feedback saves corrected digits (default: {INCOMING_DIR})",
+    )
     args = parser.parse_args()
     configure_logging()
     params = load_params(args.params)
     host = args.host or params.serve.host
     port = args.port or int(os.environ.get("PORT", params.serve.port))
-    uvicorn.run(create_app(params), host=host, port=port, log_level="info", access_log=False)
+    workers = args.workers or params.serve.workers
+    if workers == 1:
+        run_server(create_app(params, incoming_dir=Path(args.incoming)), host, port)
+    else:
+        os.environ["MNIST_SERVE_PARAMS"] = args.params
+        os.environ["MNIST_SERVE_INCOMING"] = args.incoming
+        run_server("serving.app:app_from_environment", host, port, workers)
 
 
 if __name__ == "__main__":

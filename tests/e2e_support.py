@@ -12,6 +12,17 @@ from flows.env import stage_env
 from flows.scratch import make_scratch_copy
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = [  # dvc.yaml's stages in the order they run
+    "ingest",
+    "merge",
+    "validate",
+    "augment",
+    "tune",
+    "train",
+    "evaluate",
+    "export",
+    "register",
+]
 
 
 def scratch_repo(dest: Path, extra_overrides: dict | None = None) -> Path:

@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.e2e_support import client_for, run_in, scratch_repo, stages_run, tracking_uri
+from tests.e2e_support import (
+    STAGES,
+    client_for,
+    run_in,
+    scratch_repo,
+    stages_run,
+    tracking_uri,
+)
 
 pytestmark = pytest.mark.e2e
-
-STAGES = ["ingest", "validate", "augment", "tune", "train", "evaluate", "export", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +173,7 @@ def test_failed_validation_stops_before_training_and_registers_nothing(tmp_path)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "expect_table_row_count_to_be_between() on train_images" in output
-    assert stages_run(result.stdout) == ["ingest", "validate"]
+    assert stages_run(result.stdout) == ["ingest", "merge", "validate"]
     assert "FAIL" in (workdir / "data/validation/report.txt").read_text()
     assert not (workdir / "data/model").exists()
     client = client_for(workdir)
@@ -206,3 +211,100 @@ def test_serve_load_benchmark_runs_against_the_champion(repro):
     assert all(int(row[2]) > 0 and int(row[3]) == 0 for row in table)  # answered, none failed
     assert "32 client(s): PREDICT/CONSTANT req/s" in result.stdout
     assert "Keras predict (baseline)" in result.stdout and "model.onnx" in result.stdout
+
+
+def png_file(path, image) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
+def training_run_tags(workdir) -> dict:
+    run_id = json.loads((workdir / "data/model/run.json").read_text())["run_id"]
+    return client_for(workdir).get_run(run_id).data.tags
+
+
+def test_refused_incoming_batch_is_recorded_and_reruns_nothing_else(repro):
+    """A batch with a corrupt PNG and a copy of a test image, with merge.on_bad_file=refuse:
+    the merge stage names both files, records the refusal, and the data version stays."""
+    from pipelines.data import read_idx
+
+    workdir, _ = repro
+    lock_before = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    test_image = read_idx(workdir / "data/raw/t10k-images-idx3-ubyte.gz")[11]
+    incoming = workdir / "data/incoming"
+    png_file(incoming / "2" / "copy.png", test_image)
+    (incoming / "5").mkdir()
+    (incoming / "5" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["merge"]["on_bad_file"] = "refuse"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = run_in(workdir, "dvc", "repro")
+        assert result.returncode == 0, result.stdout + result.stderr
+        output = result.stdout + result.stderr
+        assert stages_run(result.stdout) == ["merge"]  # same data/dataset: nothing downstream
+        assert "incoming batch REFUSED" in output
+        assert "5/broken.png: is not a readable PNG" in output
+        assert "2/copy.png: is a copy of a test image" in output
+        report = json.loads((workdir / "data/merge/report.json").read_text())
+        assert report["status"] == "refused" and report["digits_added"] == 0
+        assert {r["file"] for r in report["rejected_files"]} == {"2/copy.png", "5/broken.png"}
+        lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+        assert lock["merge"]["outs"][0]["md5"] == lock_before["merge"]["outs"][0]["md5"]
+        client = client_for(workdir)
+        experiment = client.get_experiment_by_name("mnist-classifier").experiment_id
+        refused = client.search_runs([experiment], "tags.`merge.status` = 'refused'")
+        assert refused and refused[0].info.status == "FAILED"
+        assert "broken.png" in refused[0].data.tags["merge.first_rejection"]
+    finally:
+        params["merge"]["on_bad_file"] = "skip"
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (incoming / "2" / "copy.png").unlink()
+        (incoming / "5" / "broken.png").unlink()
+
+
+def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
+    """New labelled digits (PNG folders and an IDX pair) join the training set: a new data
+    version in dvc.lock, a new training on it (lineage tag), the unchanged test set, the gate."""
+    from pipelines.data import encode_idx, read_idx
+    from tests.conftest import draw_stroke
+
+    workdir, _ = repro
+    lock_before = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    versions_before = len(client_for(workdir).search_model_versions("name='mnist-classifier'"))
+    rng = np.random.default_rng(5)
+    digits = np.stack([draw_stroke(rng) for _ in range(12)])
+    incoming = workdir / "data/incoming"
+    for i in range(6):
+        png_file(incoming / str(i) / f"new-{i}.png", digits[i])
+    (incoming / "batch-images-idx3-ubyte.gz").write_bytes(encode_idx(digits[6:]))
+    (incoming / "batch-labels-idx1-ubyte.gz").write_bytes(
+        encode_idx(np.arange(6, 12, dtype=np.uint8) % 10)
+    )
+
+    result = run_in(workdir, "dvc", "repro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stages_run(result.stdout) == STAGES[1:]  # everything after ingest
+    report = json.loads((workdir / "data/merge/report.json").read_text())
+    assert report["status"] == "merged" and report["digits_added"] == 12
+    assert report["rejected_files"] == []
+
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    new_version = lock["merge"]["outs"][0]["md5"]
+    assert new_version != lock_before["merge"]["outs"][0]["md5"]
+    x_train = read_idx(workdir / "data/dataset/train-images-idx3-ubyte.gz")
+    np.testing.assert_array_equal(x_train[-12:], digits)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        assert (workdir / "data/dataset" / name).read_bytes() == (
+            workdir / "data/raw" / name
+        ).read_bytes()
+
+    tags = training_run_tags(workdir)
+    assert tags["data_version"] == new_version and tags["incoming.digits_added"] == "12"
+    registration = json.loads((workdir / "data/register/registration.json").read_text())
+    assert registration["version"] == versions_before + 1
+    version = client_for(workdir).get_model_version("mnist-classifier", registration["version"])
+    assert version.tags["data_version"] == new_version
+    assert version.tags["decision"] in {"champion", "challenger", "none"}  # the gate decided

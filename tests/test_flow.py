@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flows.training import stage_order
-from tests.e2e_support import REPO, client_for, run_in, scratch_repo
+from tests.e2e_support import REPO, STAGES, client_for, run_in, scratch_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +28,7 @@ def test_stage_order_comes_from_dvc_yaml():
     assert sorted(names) == sorted(declared)
     assert (
         names.index("ingest")
+        < names.index("merge")
         < names.index("validate")
         < names.index("augment")
         < names.index("tune")
@@ -47,23 +48,16 @@ def test_flow_runs_all_stages_and_writes_the_same_lock(prefect_harness, tmp_path
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     state = training(root=str(workdir), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result() == [
-        "ingest",
-        "validate",
-        "augment",
-        "tune",
-        "train",
-        "evaluate",
-        "export",
-        "register",
-    ]
+    assert state.result() == STAGES
 
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(state.result())
     # Same stages, same params and the same data hashes that `dvc repro` records.
     assert lock["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
-    raw_dep = next(d for d in lock["validate"]["deps"] if d["path"] == "data/raw")
+    raw_dep = next(d for d in lock["merge"]["deps"] if d["path"] == "data/raw")
     assert raw_dep["md5"] == lock["ingest"]["outs"][0]["md5"]
+    dataset_dep = next(d for d in lock["validate"]["deps"] if d["path"] == "data/dataset")
+    assert dataset_dep["md5"] == lock["merge"]["outs"][0]["md5"]
 
     # dvc.lock is exactly what `dvc repro` would leave: DVC finds nothing to do.
     status = run_in(workdir, "dvc", "status", "--json")

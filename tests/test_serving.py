@@ -70,7 +70,8 @@ def served(registry, test_params, monkeypatch, tmp_path):
     registry_client = tracking.client()
     registry_client.set_registered_model_alias(NAME, "champion", "1")
     champion = Champion(NAME, "champion", "model.onnx", poll_interval_s=0.2, cache_dir=tmp_path)
-    with TestClient(create_app(test_params, champion)) as client:
+    app = create_app(test_params, champion, incoming_dir=tmp_path / "incoming")
+    with TestClient(app) as client:
         yield client, registry_client
     registry_client.set_registered_model_alias(NAME, "champion", "1")
 
@@ -293,12 +294,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def live_server(registry, tmp_path_factory):
-    """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
-    store, _, _ = registry
+def live_incoming(tmp_path_factory):
+    """Where the live server saves corrections (never the checkout's data/incoming)."""
+    return tmp_path_factory.mktemp("incoming")
+
+
+@contextlib.contextmanager
+def serving_process(store, folder, *args):
+    """`python -m serving.app *args` on a free loopback port with the test registry; its URL.
+    Stopped (and checked to have let go of its port) on exit."""
     params = yaml.safe_load(PARAMS_PATH.read_text())
     params["serve"]["poll_interval_s"] = 1
-    params_file = tmp_path_factory.mktemp("serve") / "params.yaml"
+    params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     port = free_port()
     env = {
@@ -307,7 +314,7 @@ def live_server(registry, tmp_path_factory):
         "PORT": str(port),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.app", "--params", str(params_file)],
+        [sys.executable, "-m", "serving.app", "--params", str(params_file), *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -332,6 +339,35 @@ def live_server(registry, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=20)
+    with pytest.raises(httpx.ConnectError):  # no worker process was left behind
+        httpx.get(f"{url}/health", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def live_server(registry, tmp_path_factory, live_incoming):
+    """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
+    store, _, _ = registry
+    folder = tmp_path_factory.mktemp("serve")
+    with serving_process(store, folder, "--incoming", str(live_incoming)) as url:
+        yield url
+
+
+def test_two_worker_processes_serve_without_a_nagle_stall(registry, tmp_path):
+    """--workers 2: both processes answer, and a request on a kept-alive connection is not held
+    back by Nagle's algorithm (uvicorn's shared socket would leave TCP_NODELAY off: >= 40 ms)."""
+    store, _, _ = registry
+    args = ("--workers", "2", "--incoming", str(tmp_path))
+    with (
+        serving_process(store, tmp_path, *args) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        seconds = []
+        for _ in range(20):
+            start = time.perf_counter()
+            answer = client.post(PREDICT, json={"instances": [GOOD]})
+            seconds.append(time.perf_counter() - start)
+            assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+    assert float(np.median(seconds)) < 0.030, seconds
 
 
 def test_entry_point_serves_the_champion_on_loopback(live_server):
@@ -403,6 +439,48 @@ def test_chunked_upload_over_the_limit_gets_413_while_streaming(live_server):
     assert sent < 20 * 1024 * 1024 // 2
 
 
+def test_feedback_saves_the_corrected_digit_where_the_merge_stage_reads_it(
+    served, registry, tmp_path
+):
+    from pipelines.merge import png_digit
+
+    client, _ = served
+    _, _, x_test = registry
+    for scale in (1, 255):  # 0-1 floats and 0-255 integers are the same digit
+        image = (x_test[3] / 255.0).tolist() if scale == 1 else x_test[3].tolist()
+        answer = client.post("/feedback", json={"image": image, "label": 7})
+        assert answer.status_code == 201, answer.text
+        saved = tmp_path / "incoming" / "7" / answer.json()["saved"].rsplit("/", 1)[1]
+        assert saved.is_file() and saved.parent.name == "7"
+        np.testing.assert_array_equal(png_digit(saved.read_bytes()), x_test[3])
+    assert len(list((tmp_path / "incoming" / "7").glob("*.png"))) == 1  # same digit, same name
+    bad = [
+        ({"image": x_test[3].tolist(), "label": 12}, "label"),
+        ({"image": x_test[3][:5].tolist(), "label": 1}, "image"),
+        ({"image": np.full((28, 28), -1).tolist(), "label": 1}, "image"),
+        ({"label": 1}, "image"),
+    ]
+    for payload, field in bad:
+        answer = client.post("/feedback", json=payload)
+        assert answer.status_code == 422, (payload, answer.text)
+        assert answer.json()["field"] == field, answer.json()
+    assert [p.name for p in (tmp_path / "incoming").iterdir()] == ["7"]
+
+
+def test_feedback_can_be_switched_off(registry, test_params, monkeypatch, tmp_path):
+    store, _, x_test = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    off = test_params.model_copy(
+        update={"serve": test_params.serve.model_copy(update={"feedback": False})}
+    )
+    app = create_app(off, poll=False, incoming_dir=tmp_path / "incoming")
+    with TestClient(app) as client:
+        answer = client.post("/feedback", json={"image": x_test[0].tolist(), "label": 1})
+    assert answer.status_code == 403 and answer.json()["field"] == "feedback"
+    assert not (tmp_path / "incoming").exists()
+
+
 def test_unknown_paths_and_methods_answer_in_the_same_error_format(served):
     client, _ = served
     missing = client.get("/v1/models/other-model:predict")
@@ -426,7 +504,7 @@ def chromium_paths() -> tuple[str, str] | None:
     chromium_paths() is None,
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
 )
-def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server):
+def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_incoming):
     import base64
 
     from selenium import webdriver
@@ -466,6 +544,13 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server):
         # The page shows what the server answers for that very drawing
         data_url = driver.execute_script("return document.getElementById('pad').toDataURL();")
         drawing = base64.b64decode(data_url.split(",", 1)[1])
+        # "Correct this prediction": say it is a 4; the digit the model saw is saved as a 4
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "label")).select_by_visible_text("4")
+        driver.find_element(By.ID, "correct").click()
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "saved").text)
+        assert "Saved as a 4" in driver.find_element(By.ID, "saved").text
     finally:
         driver.quit()
     answer = httpx.post(
@@ -473,6 +558,10 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server):
     ).json()
     assert answer["digit"] == shown
     ink = np.array(answer["input"])
+    from pipelines.merge import png_digit
+
+    (saved,) = (live_incoming / "4").glob("*.png")
+    np.testing.assert_array_equal(png_digit(saved.read_bytes()), ink)
     rows = np.flatnonzero(ink.max(axis=1) > 50)
     cols = np.flatnonzero(ink.max(axis=0) > 50)
     assert rows[-1] - rows[0] > 2 * (cols[-1] - cols[0])  # the stroke arrived tall and thin
