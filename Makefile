@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MLRUNS ?= mlruns
 UI_PORT ?= 5000
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+SERVERS := $(BIN)/python -m flows.servers --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 # dvc.yaml's commands run `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui serve bench bench-serve bench-time bench-augment clean-smoke
+.PHONY: help install run flow smoke test lint format ui up down status serve bench bench-serve bench-time bench-augment clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) ## create .venv if missing and install the project (pinned by constraints.txt)
 
 run: $(STAMP) ## the main job: run the whole pipeline with `dvc repro` (set MNIST_DIR for full data)
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows.locked $(BIN)/dvc repro
 
 flow: $(STAMP) ## the same pipeline as the Prefect flow 'mnist-training' (ephemeral API, no server)
 	$(BIN)/python -m flows.training
@@ -49,6 +52,15 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(UI_PORT) \
 		--backend-store-uri sqlite:///$(abspath $(MLRUNS))/mlflow.db \
 		--default-artifact-root $(abspath $(MLRUNS))/artifacts
+
+up: $(STAMP) ## Prefect (:$(PREFECT_PORT)) and MLflow (:$(MLFLOW_PORT)) servers and the deployments, in the background
+	$(SERVERS) up
+
+down: ## stop what `make up` started (the pids in .run/), waiting for each to exit
+	$(SERVERS) down
+
+status: ## is each process of `make up` running, and does it answer?
+	$(SERVERS) status
 
 serve: $(STAMP) ## REST API + drawing page for models:/mnist-classifier@champion on http://127.0.0.1:$${PORT:-8000}
 	$(BIN)/python -m serving.app

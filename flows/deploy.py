@@ -1,0 +1,90 @@
+"""Serve the flow ``mnist-training`` as two Prefect deployments, in one long-running process.
+
+    mnist-training/manual             on demand: prefect deployment run 'mnist-training/manual'
+                                      --param epochs=3 --param trials=2 (or --param smoke=true)
+    mnist-training/scheduled-retrain  on params.yaml's deploy.retrain_cron, in deploy.timezone
+
+    PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deploy    # `make up` starts this
+
+The process polls the Prefect API for due runs of both deployments and runs each one in a child
+process (``python -m prefect.engine``) with this process's environment, so MLFLOW_TRACKING_URI set
+here sends every deployment run's MLflow logging to the tracking server. On SIGTERM it pauses both
+deployments' schedules; `make down` cancels its runs in progress before that (flows/servers.py).
+
+One training at a time, in two layers:
+  * Prefect: each deployment has a concurrency limit of 1 with the CANCEL_NEW strategy. In Prefect
+    3.8.8 the server enforces it when a run moves to Pending (SecureFlowConcurrencySlots in
+    prefect/server/orchestration/core_policy.py): with no free slot, ENQUEUE would put the run back
+    to Scheduled("AwaitingConcurrencySlot") and retry every 30 s until the first run ends, then run
+    it; CANCEL_NEW sets it Cancelled with the message "Deployment concurrency limit reached." We
+    cancel, because the project's policy (deploy.lock_wait_s: 0) is to skip, not to queue.
+    The limit is per deployment, so it does not stop a manual run during a scheduled one.
+  * The flow itself: an exclusive lock on ``.run/training.lock`` (flows/training.py), taken by
+    every training, deployment or not. A run that finds it held waits deploy.lock_wait_s seconds,
+    then ends Cancelled with a message naming the holder's pid, flow run and start time.
+The runner keeps Prefect's default process limit (PREFECT_RUNNER_PROCESS_LIMIT, 5): with a limit
+of 1 here a second run would sit unsubmitted as Late, with no message, and never reach either gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from flows.training import REPO_ROOT, training
+from pipelines.config import DeployParams, load_params
+
+MANUAL = "manual"
+SCHEDULED = "scheduled-retrain"
+DEPLOYMENTS = (MANUAL, SCHEDULED)
+TAGS = ["mnist"]
+
+
+def build_deployments(deploy: DeployParams, root: str | None = None) -> list[RunnerDeployment]:
+    """The two deployments of ``mnist-training``; ``root`` becomes their default ``root`` parameter."""
+    one_at_a_time = ConcurrencyLimitConfig(
+        limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+    )
+    common = dict(
+        concurrency_limit=one_at_a_time,
+        parameters={"root": root} if root else {},
+        tags=TAGS,
+        # Import flows.training by module name: the child process runs in the repo with .venv.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    manual = training.to_deployment(
+        name=MANUAL,
+        description="Train on demand; parameters: epochs, trials, smoke, force.",
+        **common,
+    )
+    scheduled = training.to_deployment(
+        name=SCHEDULED,
+        description=f"Retrain on params.yaml's deploy.retrain_cron ({deploy.timezone}).",
+        schedule=Cron(deploy.retrain_cron, timezone=deploy.timezone),
+        **common,
+    )
+    return [manual, scheduled]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Serve mnist-training/manual and mnist-training/scheduled-retrain."
+    )
+    parser.add_argument(
+        "--root", default=None, help="default repo the runs train in (default: this checkout)"
+    )
+    args = parser.parse_args()
+    params_path = Path(args.root or REPO_ROOT) / "params.yaml"
+    deployments = build_deployments(load_params(params_path).deploy, args.root)
+    serve(*deployments)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    main()
