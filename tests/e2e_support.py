@@ -12,6 +12,9 @@ from flows.env import stage_env
 from flows.scratch import make_scratch_copy
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((REPO / "params.smoke.yaml").read_text())
+MODEL_NAME = SMOKE["register"]["model_name"]  # scratch repos register under the smoke names
+EXPERIMENT = SMOKE["tracking"]["experiment"]
 STAGES = [  # dvc.yaml's stages in the order they run
     "ingest",
     "merge",

@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from tests.e2e_support import (
+    EXPERIMENT,
+    MODEL_NAME,
     STAGES,
     client_for,
     run_in,
@@ -80,12 +82,12 @@ def test_champion_loads_from_registry_and_predicts(repro):
     workdir, _ = repro
     mlflow.set_tracking_uri(tracking_uri(workdir))
     mlflow.set_registry_uri(tracking_uri(workdir))
-    model = mlflow.pyfunc.load_model("models:/mnist-classifier@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     images = read_idx(workdir / "data/raw/t10k-images-idx3-ubyte.gz")[:20]
     probs = np.asarray(model.predict((images / 255.0).astype(np.float32)[..., None]))
     assert probs.shape == (20, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
-    version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
+    version = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion")
     assert (
         version.tags["decision"] == "champion" and "no current champion" in version.tags["reason"]
     )
@@ -179,7 +181,7 @@ def test_failed_validation_stops_before_training_and_registers_nothing(tmp_path)
     client = client_for(workdir)
     assert client.search_registered_models() == []
     failed = client.search_runs(
-        [client.get_experiment_by_name("mnist-classifier").experiment_id], "tags.stage = 'validate'"
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.stage = 'validate'"
     )
     assert failed and failed[0].info.status == "FAILED"
 
@@ -254,7 +256,7 @@ def test_refused_incoming_batch_is_recorded_and_reruns_nothing_else(repro):
         lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
         assert lock["merge"]["outs"][0]["md5"] == lock_before["merge"]["outs"][0]["md5"]
         client = client_for(workdir)
-        experiment = client.get_experiment_by_name("mnist-classifier").experiment_id
+        experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
         refused = client.search_runs([experiment], "tags.`merge.status` = 'refused'")
         assert refused and refused[0].info.status == "FAILED"
         assert "broken.png" in refused[0].data.tags["merge.first_rejection"]
@@ -273,7 +275,7 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
 
     workdir, _ = repro
     lock_before = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
-    versions_before = len(client_for(workdir).search_model_versions("name='mnist-classifier'"))
+    versions_before = len(client_for(workdir).search_model_versions(f"name='{MODEL_NAME}'"))
     rng = np.random.default_rng(5)
     digits = np.stack([draw_stroke(rng) for _ in range(12)])
     incoming = workdir / "data/incoming"
@@ -305,6 +307,6 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
     assert tags["data_version"] == new_version and tags["incoming.digits_added"] == "12"
     registration = json.loads((workdir / "data/register/registration.json").read_text())
     assert registration["version"] == versions_before + 1
-    version = client_for(workdir).get_model_version("mnist-classifier", registration["version"])
+    version = client_for(workdir).get_model_version(MODEL_NAME, registration["version"])
     assert version.tags["data_version"] == new_version
     assert version.tags["decision"] in {"champion", "challenger", "none"}  # the gate decided

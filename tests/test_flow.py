@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from flows.training import stage_order
-from tests.e2e_support import REPO, STAGES, client_for, run_in, scratch_repo
+from tests.e2e_support import MODEL_NAME, REPO, STAGES, client_for, run_in, scratch_repo
 
 pytestmark = pytest.mark.e2e
 
@@ -65,10 +65,10 @@ def test_flow_runs_all_stages_and_writes_the_same_lock(prefect_harness, tmp_path
 
     registration = json.loads((workdir / "data/register/registration.json").read_text())
     client = client_for(workdir)
-    champion = client.get_model_version_by_alias("mnist-classifier", "champion")
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert int(champion.version) == registration["version"] == 1
 
     # Rerunning the flow finds everything up to date: DVC, not the flow, decides what runs.
     again = training(root=str(workdir), return_state=True)
     assert again.is_completed()
-    assert len(client.search_model_versions("name='mnist-classifier'")) == 1
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
