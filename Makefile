@@ -15,7 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui up down status serve bench bench-serve bench-time bench-augment clean-smoke
+.PHONY: help install run flow smoke test lint format ui up down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -80,3 +80,9 @@ bench-time: $(STAMP) ## benchmark: wall time to the seed recipe's final accuracy
 
 bench-augment: $(STAMP) ## benchmark: augmentation on the fly vs precomputed
 	$(BIN)/python -m benchmarks.augment_modes
+
+bench-adversarial: $(STAMP) ## benchmark: adversarial training vs plain, same budget, clean and FGSM accuracy (~35 min)
+	$(BIN)/python -m benchmarks.adversarial
+
+bench-evaluate: $(STAMP) ## benchmark: evaluate's time with and without insight (the 20% bar; needs `make run`)
+	$(BIN)/python -m benchmarks.evaluate_cost

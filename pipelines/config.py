@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -131,6 +131,17 @@ class SearchDim(Section):
         return isinstance(self.low, int) and isinstance(self.high, int)
 
 
+class AdversarialParams(Section):
+    enabled: bool  # false: train on the (augmented) images only
+    epsilon: float = Field(gt=0, le=1)  # FGSM step on the [0, 1] pixel scale
+    ratio: float = Field(gt=0, le=1)  # share of each training batch replaced by its FGSM copies
+
+    def identity(self) -> dict[str, Any]:
+        """What this section adds to the hash that names a training (checkpoints, tuning study):
+        nothing while it is off, so the names from before the section existed stay valid."""
+        return {"adversarial": self.model_dump()} if self.enabled else {}
+
+
 class TuneParams(Section):
     enabled: bool  # false: train uses params.yaml as it is
     study_name: str  # a hash of everything that defines the study is appended
@@ -164,6 +175,25 @@ class TuneParams(Section):
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     top_confused_pairs: int = Field(ge=1)
+    insight: (
+        bool  # Grad-CAM, error gallery, FGSM, calibration and the HTML report; false = metrics only
+    )
+    seed: int  # the fixed samples: correct images in the Grad-CAM grid, FGSM's test images
+    gradcam_correct: int = Field(ge=0)  # correctly classified images in the Grad-CAM grid
+    gradcam_errors: int = Field(ge=0)  # misclassified images in the Grad-CAM grid (at most)
+    gallery_per_pair: int = Field(ge=1)  # images drawn per (true, predicted) row of the gallery
+    confident_errors: int = Field(ge=1)  # rows of the most-confident-errors table
+    fgsm_epsilons: list[float] = Field(min_length=1)
+    fgsm_images: int = Field(ge=0)  # test images FGSM attacks (seeded sample); 0 = all
+    calibration_bins: int = Field(ge=2)
+
+    @field_validator("fgsm_epsilons")
+    @classmethod
+    def _epsilons_in_range(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"FGSM epsilons are on the [0, 1] pixel scale, in (0, 1]; got {bad}")
+        return sorted(values)
 
 
 class ExportParams(Section):
@@ -218,6 +248,7 @@ class Params(Section):
     augment: AugmentParams
     tune: TuneParams
     train: TrainParams
+    adversarial: AdversarialParams
     evaluate: EvaluateParams
     export: ExportParams
     register_: RegisterParams = Field(alias="register")

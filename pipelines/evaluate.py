@@ -2,12 +2,17 @@
 
 Writes metrics.json (for `dvc metrics`), predictions.csv (for `dvc plots`' confusion matrix),
 the 10x10 confusion matrix as CSV and PNG, per-class precision/recall/F1 and the most-confused
-pairs; logs all of it onto the training run in MLflow.
+pairs. With ``evaluate.insight`` (pipelines/insight.py) also Grad-CAM, the error gallery and
+tables, FGSM robustness and calibration under insight/, and the self-contained HTML report
+report.html (pipelines/report.py), which register attaches to the model version. All of it is
+logged onto the training run in MLflow.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +25,8 @@ from pipelines.data import atomic_write_text, load_raw, save_figure, write_json
 log = logging.getLogger("pipelines.evaluate")
 
 NUM_CLASSES = 10
+INSIGHT_DIR = "insight"  # Grad-CAM, error gallery, robustness and calibration files, under --out
+REPORT_FILE = "report.html"
 
 
 @dataclass(frozen=True)
@@ -137,13 +144,20 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
     save_figure(fig, path, dpi=90)
 
 
-def write_reports(result: Evaluation, y_true: np.ndarray, data_source: str, out: Path) -> dict:
-    """Write every report file into ``out``; return the metrics dict."""
+def write_reports(
+    result: Evaluation,
+    y_true: np.ndarray,
+    data_source: str,
+    out: Path,
+    extra_metrics: dict | None = None,
+) -> dict:
+    """Write every report file into ``out``; return the metrics dict (``extra_metrics`` joins it)."""
     metrics = {
         "accuracy": round(result.accuracy, 6),
         "loss": round(result.loss, 6),
         "n_test": int(len(y_true)),
         "data_source": data_source,
+        **(extra_metrics or {}),
     }
     write_json(out / "metrics.json", metrics)
     atomic_write_text(
@@ -172,17 +186,106 @@ def write_reports(result: Evaluation, y_true: np.ndarray, data_source: str, out:
     return metrics
 
 
+def champion_summary(model_name: str, alias: str, run_id: str) -> dict | None:
+    """The current champion's version, run and logged test metrics, for the report's comparison."""
+    from pipelines import tracking
+
+    client = tracking.client()
+    version = tracking.current_champion(client, model_name, alias)
+    if version is None:
+        return None
+    return {
+        "version": version.version,
+        "run_id": version.run_id,
+        "metrics": dict(client.get_run(version.run_id).data.metrics),
+        "same_run": version.run_id == run_id,
+    }
+
+
+def write_report(
+    path: Path,
+    run_id: str,
+    experiment: str,
+    result: Evaluation,
+    found,
+    logged_metrics: dict[str, float],
+    images: np.ndarray,
+    reports: Path,
+    champion: dict | None,
+    best_params: Path,
+) -> None:
+    """Render the HTML report (pipelines/report.py) of the run ``run_id`` into ``path``."""
+    import json
+    import time
+
+    import mlflow
+
+    from pipelines.report import ReportInputs, render_report
+
+    run = mlflow.get_run(run_id)
+    tags = run.data.tags
+    lineage = {
+        "MLflow run": run_id,
+        "experiment": experiment,
+        "git commit": tags.get("git_commit", "unknown"),
+        "data version (md5 of data/dataset)": tags.get("data_version", "unknown"),
+        "data source": tags.get("data_source", "unknown"),
+        "digits added from data/incoming": tags.get("incoming.digits_added", "0"),
+        "trained": time.strftime(
+            "%Y-%m-%d %H:%M:%S %Z", time.localtime(run.info.start_time / 1000)
+        ),
+    }
+    overrides = {}
+    if best_params.exists():
+        overrides = json.loads(best_params.read_text()).get("overrides") or {}
+    inputs = ReportInputs(
+        model_label=f"run {run_id[:12]} ({experiment})",
+        metrics=logged_metrics,
+        n_test=len(images),
+        per_class=result.per_class,
+        confused_pairs=result.confused_pairs,
+        groups=found.groups,
+        confident_errors=found.confident_errors,
+        images=images,
+        robustness=found.robustness,
+        robustness_images=found.robustness_images,
+        calibration=found.calibration,
+        figures={
+            "confusion": reports / "confusion_matrix.png",
+            "gradcam": found.out / "gradcam.png",
+            "errors": found.out / "errors.png",
+            "robustness": found.out / "robustness.png",
+            "reliability": found.out / "reliability.png",
+        },
+        gradcam_caption=(
+            f"Heat = where the evidence for the predicted digit lies, from the last convolution "
+            f"({found.gradcam_layer}): the misclassified test images, then a fixed, seeded sample of "
+            "correct ones. Captions: true / predicted (confidence)."
+        ),
+        lineage=lineage,
+        params=dict(run.data.params),
+        overrides=overrides,
+        champion=champion,
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+    atomic_write_text(path, render_report(inputs))
+
+
 def main() -> None:
     import keras
     import mlflow
 
     from pipelines import tracking
     from pipelines.cli import base_parser
+    from pipelines.report import render_off_notice
 
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--model", default="data/model")
     parser.add_argument("--out", default="data/reports")
+    parser.add_argument(
+        "--best-params", default="data/tune/best_params.json", help="shown in the report"
+    )
     args = parser.parse_args()
     params = load_params(args.params)
     data = load_raw(Path(args.raw), params.ingest.file_names)
@@ -190,7 +293,29 @@ def main() -> None:
     model = keras.models.load_model(model_dir / "model.keras")
     probs = predict_probabilities(model, data.x_test, params.evaluate.batch_size)
     result = evaluate_probabilities(probs, data.y_test, params.evaluate.top_confused_pairs)
-    metrics = write_reports(result, data.y_test, data.data_source, out)
+    found = None
+    shutil.rmtree(out / INSIGHT_DIR, ignore_errors=True)  # nothing stale from an earlier model
+    (out / REPORT_FILE).unlink(missing_ok=True)
+    if params.evaluate.insight:
+        from pipelines.insight import analyse
+
+        start = time.perf_counter()
+        found = analyse(model, data.x_test, data.y_test, probs, params.evaluate, out / INSIGHT_DIR)
+        log.info(
+            "insight in %.1f s: ECE %.4f; FGSM accuracy on %d images %s; %d misclassified",
+            time.perf_counter() - start,
+            found.ece,
+            found.robustness_images,
+            ", ".join(f"eps {e:g}: {a:.2%}" for e, a in found.robustness.items()),
+            sum(len(idx) for *_, idx in found.groups),
+        )
+    metrics = write_reports(
+        result,
+        data.y_test,
+        data.data_source,
+        out,
+        {k: round(v, 6) for k, v in found.metrics().items()} if found else None,
+    )
     log.info(
         "test accuracy %.4f, loss %.4f on %d images (%s)",
         result.accuracy,
@@ -203,8 +328,11 @@ def main() -> None:
             "  most confused: true %d -> predicted %d, %d times", row.true, row.predicted, row.count
         )
 
-    with tracking.attach_run(model_dir / tracking.RUN_FILE, params.tracking.experiment):
-        mlflow.log_metrics({"test_accuracy": result.accuracy, "test_loss": result.loss})
+    with tracking.attach_run(model_dir / tracking.RUN_FILE, params.tracking.experiment) as run_id:
+        logged = {"test_accuracy": result.accuracy, "test_loss": result.loss}
+        if found is not None:
+            logged.update({f"test_{k}": v for k, v in found.metrics().items()})
+        mlflow.log_metrics(logged)
         for row in result.per_class.itertuples(index=False):
             mlflow.log_metrics(
                 {
@@ -213,6 +341,30 @@ def main() -> None:
                     f"test_f1_{row.digit}": row.f1,
                 }
             )
+        if found is not None:
+            # The robustness curve as one metric over steps: step = epsilon x 100 (0 = clean).
+            for eps, accuracy in found.robustness.items():
+                mlflow.log_metric("test_fgsm_accuracy", accuracy, step=round(eps * 100))
+            champion = champion_summary(
+                params.register.model_name, params.register.champion_alias, run_id
+            )
+            write_report(
+                out / REPORT_FILE,
+                run_id,
+                params.tracking.experiment,
+                result,
+                found,
+                logged,
+                data.x_test,
+                out,
+                champion,
+                Path(args.best_params),
+            )
+            log.info("report: %s", out / REPORT_FILE)
+        else:
+            (out / INSIGHT_DIR).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / INSIGHT_DIR / "OFF.txt", "evaluate.insight is false\n")
+            atomic_write_text(out / REPORT_FILE, render_off_notice(metrics))
         mlflow.set_tag("data_source", metrics["data_source"])
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
 

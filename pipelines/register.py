@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ log = logging.getLogger("pipelines.register")
 
 LOAD_CHECK_IMAGES = 512  # test images the registry round-trip check predicts
 PROBABILITY_TOLERANCE = 1e-4  # largest allowed probability difference in that check
+REPORT_ARTIFACT = "evaluation_report.html"  # evaluate's report, among the version's artifacts
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,6 @@ def decide_promotion(
         f"does not beat champion v{champion_version}: {candidate_accuracy:.4%} <= {champion_accuracy:.4%} "
         "on the same test set",
     )
-
-
-def current_champion(client, params: RegisterParams):
-    """The model version holding the champion alias, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(params.model_name, params.champion_alias)
-    except MlflowException:
-        return None
 
 
 def score_version(uri: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
@@ -154,12 +146,14 @@ def register_model(
     extra_tags: dict[str, str] | None = None,
     export_dir: Path | None = None,
     served_format: str = "model.onnx",
+    report: Path | None = None,
 ) -> dict:
     """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record.
 
     ``export_dir`` (the export stage's output: the files and parity.json) is attached to the
     version and enables the infra check on ``served_format``; without it (unit tests) step 3 is
-    skipped.
+    skipped. ``report`` (evaluate's report.html) is attached to the version as
+    ``evaluation_report.html`` among its artifacts, and named in its ``evaluation_report`` tag.
     """
     import mlflow
 
@@ -167,7 +161,7 @@ def register_model(
     from pipelines.model import to_model_input
 
     client = tracking.client()
-    champion = current_champion(client, params)
+    champion = tracking.current_champion(client, params.model_name, params.champion_alias)
     champion_accuracy = None
     if champion is not None:
         uri = f"models:/{params.model_name}/{champion.version}"
@@ -215,6 +209,10 @@ def register_model(
             export_dir is not None
         ):  # the exports travel with the model: models:/<name>/<v>/model.onnx
             client.log_model_artifacts(info.model_id, str(export_dir))
+        if report is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(report, Path(tmp) / REPORT_ARTIFACT)
+                client.log_model_artifacts(info.model_id, tmp)
     version = mlflow.register_model(info.model_uri, params.model_name).version
     log.info("registered %s v%s from run %s", params.model_name, version, run_id)
     try:
@@ -258,6 +256,11 @@ def register_model(
             if champion_accuracy is not None
             else "none",
             "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(
+                {"evaluation_report": f"models:/{params.model_name}/{version}/{REPORT_ARTIFACT}"}
+                if report is not None
+                else {}
+            ),
             **served_tags,
             **(extra_tags or {}),
         }
@@ -297,6 +300,7 @@ def main() -> None:
     parser.add_argument("--model", default="data/model")
     parser.add_argument("--metrics", default="data/reports/metrics.json")
     parser.add_argument("--export", default="data/export", help="the export stage's output")
+    parser.add_argument("--report", default="data/reports/report.html", help="evaluate's report")
     parser.add_argument("--out", default="data/register")
     args = parser.parse_args()
     params = load_params(args.params)
@@ -322,6 +326,7 @@ def main() -> None:
         },
         export_dir=Path(args.export),
         served_format=params.serve.format,
+        report=Path(args.report) if Path(args.report).exists() else None,
     )
     write_json(Path(args.out) / "registration.json", record)
 

@@ -154,3 +154,13 @@ def client() -> MlflowClient:
     return MlflowClient(
         tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
     )
+
+
+def current_champion(client: MlflowClient, model_name: str, alias: str):
+    """The model version holding ``alias`` (the champion), or None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None

@@ -19,8 +19,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines.adversarial import AdversarialTraining
 from pipelines.augment import build_augmenter
-from pipelines.config import AugmentParams, TrainParams, apply_overrides, load_params
+from pipelines.config import (
+    AdversarialParams,
+    AugmentParams,
+    Params,
+    TrainParams,
+    apply_overrides,
+    load_params,
+)
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
 from pipelines.model import INPUT_SHAPE, build_model, serving_copy, to_model_input
 
@@ -230,11 +238,13 @@ def train_model(
     on_epoch: EpochHook | None = None,
     backup_dir: Path | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    adversarial: AdversarialParams | None = None,
 ) -> TrainResult:
     """Fit the CNN. ``backup_dir`` enables per-epoch checkpoints that a rerun resumes from.
 
     ``callbacks`` run after the built-in ones, so they see clean-BatchNorm validation metrics
-    (the tune stage's pruning callback).
+    (the tune stage's pruning callback). ``adversarial`` (if enabled) mixes FGSM copies into
+    every training batch (``pipelines.adversarial.AdversarialTraining``).
     """
     keras.utils.set_random_seed(params.seed)
     x_fit, y_fit, x_val, y_val = select_images(images, labels, params)
@@ -246,7 +256,11 @@ def train_model(
     # whatever device trains), and shares its weights with `model`, which alone is saved: the
     # exported model never carries augmentation layers.
     fitted = model
-    if policy.enabled:
+    if adversarial is not None and adversarial.enabled:
+        augmenter = build_augmenter(policy, seed=params.seed) if policy.enabled else None
+        fitted = AdversarialTraining(model, augmenter, adversarial.epsilon, adversarial.ratio)
+        fitted.build((None, *INPUT_SHAPE))
+    elif policy.enabled:
         fitted = keras.Sequential(
             [keras.Input(shape=INPUT_SHAPE), build_augmenter(policy, seed=params.seed), model],
             name="train_graph",
@@ -280,12 +294,13 @@ def train_model(
             0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch")
         )
     log.info(
-        "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s",
+        "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s, %s",
         len(x_fit),
         len(x_val),
         params.batch_size,
         params.epochs,
         "on" if policy.enabled else "off",
+        describe_adversarial(adversarial),
     )
     start = time.perf_counter()
     history = fitted.fit(
@@ -305,17 +320,55 @@ def train_model(
     )
 
 
-def checkpoint_key(params: TrainParams, policy: AugmentParams, source_record: dict) -> str:
+def describe_adversarial(adversarial: AdversarialParams | None) -> str:
+    if adversarial is None or not adversarial.enabled:
+        return "adversarial training off"
+    return (
+        f"adversarial training on (FGSM eps {adversarial.epsilon:g} "
+        f"on {adversarial.ratio:.0%} of each batch)"
+    )
+
+
+def checkpoint_key(
+    params: TrainParams,
+    policy: AugmentParams,
+    source_record: dict,
+    adversarial: AdversarialParams | None = None,
+) -> str:
     """A short hash of everything that defines a training, so a resume never mixes two of them."""
     blob = json.dumps(
         {
             "train": params.model_dump(),
             "augment": policy.model_dump(),
             "data": source_record.get("files"),
+            **(adversarial.identity() if adversarial is not None else {}),
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tuned_settings(
+    params: Params, policy: AugmentParams, best_file: Path
+) -> tuple[Params, AugmentParams]:
+    """The settings train uses: ``params`` and the augment stage's policy, with the tune stage's
+    chosen overrides (``best_params.json``) applied."""
+    if not best_file.exists():
+        raise FileNotFoundError(
+            f"{best_file}: no tuning result; run the tune stage first (dvc repro tune)"
+        )
+    tuned = json.loads(best_file.read_text())
+    if not tuned["overrides"]:
+        log.info("no tuned overrides (%s): params.yaml as it is", best_file)
+        return params, policy
+    log.info(
+        "using trial %d of study %s (%s): %s",
+        tuned["chosen_trial"],
+        tuned["study"],
+        tuned["reason"],
+        tuned["overrides"],
+    )
+    return apply_overrides(params, policy, tuned["overrides"])
 
 
 def main() -> None:
@@ -336,31 +389,19 @@ def main() -> None:
     parser.add_argument("--out", default="data/model")
     args = parser.parse_args()
 
-    params = load_params(args.params)
-    policy = AugmentParams.model_validate_json(Path(args.policy).read_text())
-    best_file = Path(args.best_params)
-    if not best_file.exists():
-        raise FileNotFoundError(
-            f"{best_file}: no tuning result; run the tune stage first (dvc repro tune)"
-        )
-    tuned = json.loads(best_file.read_text())
-    if tuned["overrides"]:
-        params, policy = apply_overrides(params, policy, tuned["overrides"])
-        log.info(
-            "using trial %d of study %s (%s): %s",
-            tuned["chosen_trial"],
-            tuned["study"],
-            tuned["reason"],
-            tuned["overrides"],
-        )
-    else:
-        log.info("no tuned overrides (%s): params.yaml as it is", args.best_params)
+    params, policy = tuned_settings(
+        load_params(args.params),
+        AugmentParams.model_validate_json(Path(args.policy).read_text()),
+        Path(args.best_params),
+    )
     raw = Path(args.raw)
     data = load_raw(raw, params.ingest.file_names)
     source_record = json.loads((raw / SOURCE_FILE).read_text())
     out = Path(args.out)
 
-    backup_dir = Path(args.checkpoints) / checkpoint_key(params.train, policy, source_record)
+    backup_dir = Path(args.checkpoints) / checkpoint_key(
+        params.train, policy, source_record, params.adversarial
+    )
     resume_file = backup_dir / "mlflow_run_id"
     resume_id = resume_file.read_text().strip() if resume_file.exists() else None
     if resume_id:
@@ -379,7 +420,13 @@ def main() -> None:
             mlflow.log_metrics(metrics, step=epoch)
 
         result = train_model(
-            params.train, policy, data.x_train, data.y_train, log_epoch, backup_dir
+            params.train,
+            policy,
+            data.x_train,
+            data.y_train,
+            log_epoch,
+            backup_dir,
+            adversarial=params.adversarial,
         )
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "model.tmp.keras"

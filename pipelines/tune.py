@@ -53,6 +53,7 @@ def study_key(params: Params, source_record: dict) -> str:
             ),
             "augment": params.augment.model_dump(),
             "data": source_record.get("files"),
+            **params.adversarial.identity(),
         },
         sort_keys=True,
     )
@@ -274,6 +275,7 @@ def run_study(
                     labels,
                     on_epoch=log_epoch,
                     callbacks=[KerasPruningCallback(trial, tune.metric)],
+                    adversarial=trial_params.adversarial,
                 )
             except optuna.TrialPruned:
                 mlflow.set_tag("state", "PRUNED")

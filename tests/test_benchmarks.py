@@ -56,3 +56,21 @@ def test_time_to_accuracy_benchmark_prints_each_epoch_and_the_target(raw_dir: Pa
     assert len(re.findall(r"^  epoch  1\s+[\d.]+ s  test acc [\d.]+$", out, re.MULTILINE)) == 2
     assert re.search(r"^target: test accuracy [\d.]+$", out, re.MULTILINE), out
     assert re.search(r"^project: (reached at epoch 1, after [\d.]+ s|never reached it)", out, re.M)
+
+
+def test_adversarial_benchmark_prints_both_arms_and_the_difference(raw_dir: Path) -> None:
+    # when both arms train one epoch on 300 images
+    out = run_benchmark(
+        "benchmarks.adversarial", "--images", "300", "--epochs", "1", "--best-params", "none",
+        "--raw", str(raw_dir), "--epsilons", "0.1", "0.2",
+    )  # fmt: skip
+    # then it prints clean and FGSM accuracy per arm, and the differences in points
+    assert re.search(
+        r"^300 training images, 1 epochs; adversarial: FGSM eps 0\.1 on 50%", out, re.M
+    )
+    rows = re.findall(
+        r"^(plain|adversarial)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+\d+$", out, re.MULTILINE
+    )
+    assert [r[0] for r in rows] == ["plain", "adversarial"], out
+    assert all(0 <= float(v) <= 100 for r in rows for v in r[1:])
+    assert re.search(r"^difference\s+[+-][\d.]+p\s+[+-][\d.]+p\s+[+-][\d.]+p\s+[\d.]+x$", out, re.M)

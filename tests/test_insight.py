@@ -350,3 +350,99 @@ def test_reliability_diagram_writes_a_png(tmp_path: Path) -> None:
     reliability_diagram(probs_for(confidence, y_pred), y_true, path)
     assert is_png_with_content(path)
     assert isinstance(calibration_table(probs_for(confidence, y_pred), y_true), pd.DataFrame)
+
+
+# --- the evaluate stage's analyse() --------------------------------------------------------------
+
+INSIGHT_FILES = [
+    "gradcam.png",
+    "errors.png",
+    "misclassified.csv",
+    "confident_errors.csv",
+    "robustness.png",
+    "robustness.csv",
+    "reliability.png",
+    "calibration.csv",
+]
+
+
+@pytest.mark.parametrize("relabelled", [0, 12])
+def test_analyse_writes_every_figure_and_table(trained, tmp_path: Path, relabelled: int) -> None:
+    from pipelines.config import load_params
+    from pipelines.insight import analyse
+
+    # given the trained model, and labels of which the first `relabelled` are wrong, so that the
+    # model "misclassifies" those images (0: as good as it is; 12: a non-trivial error analysis)
+    model, images, true_labels = trained
+    labels = true_labels.astype(np.int64).copy()
+    labels[:relabelled] = (labels[:relabelled] + 5) % 10  # strokes are digits 0-3: never right
+    probs = predict_probabilities(model, images, 100)
+    params = load_params().evaluate.model_copy(
+        update={"fgsm_images": 50, "gradcam_correct": 4, "gradcam_errors": 4}
+    )
+    out = tmp_path / "insight"
+    # when
+    found = analyse(model, images, labels, probs, params, out)
+    # then every file is there, and nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted(INSIGHT_FILES)
+    assert all((out / name).stat().st_size > 0 for name in INSIGHT_FILES)
+    for name in ("gradcam.png", "robustness.png", "reliability.png"):
+        assert is_png_with_content(out / name), name
+    assert is_png_with_content(out / "errors.png", min_bytes=1_000)
+
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    assert len(wrong) >= relabelled
+    # misclassified.csv: one row per misclassified image, the same as the groups
+    table = pd.read_csv(out / "misclassified.csv")
+    assert list(table.columns) == ["index", "true", "predicted", "confidence"]
+    assert len(table) == len(wrong) == sum(len(idx) for *_, idx in found.groups)
+    assert sorted(table["index"]) == wrong.tolist()
+    rows = table["index"].to_numpy(dtype=int)
+    assert (table["true"].to_numpy(dtype=int) == labels[rows]).all()
+    assert (table["predicted"].to_numpy(dtype=int) == predicted[rows]).all()
+    np.testing.assert_allclose(
+        table["confidence"].to_numpy(dtype=float),
+        probs.max(axis=1)[rows],
+        atol=1e-6,
+    )
+    # confident_errors.csv: the k surest of them
+    confident = pd.read_csv(out / "confident_errors.csv")
+    assert len(confident) == min(params.confident_errors, len(wrong)) == len(found.confident_errors)
+    assert confident["index"].tolist() == found.confident_errors["index"].tolist()
+    assert confident["confidence"].is_monotonic_decreasing
+    # Grad-CAM grid: the errors (up to gradcam_errors) first, then gradcam_correct correct images
+    n_errors = min(params.gradcam_errors, len(wrong))
+    assert found.gradcam_layer == "conv2"
+    assert len(found.gradcam_indices) == n_errors + params.gradcam_correct
+    assert (
+        predicted[found.gradcam_indices[:n_errors]] != labels[found.gradcam_indices[:n_errors]]
+    ).all()
+    assert (
+        predicted[found.gradcam_indices[n_errors:]] == labels[found.gradcam_indices[n_errors:]]
+    ).all()
+
+    # robustness: 0.0 is the clean accuracy of the sampled images, then one value per epsilon
+    sample = seeded_sample(len(images), params.fgsm_images, params.seed)
+    assert found.robustness_images == len(sample) == 50
+    assert list(found.robustness) == [0.0, *params.fgsm_epsilons]
+    assert found.robustness[0.0] == pytest.approx((predicted[sample] == labels[sample]).mean())
+    assert all(0.0 <= a <= 1.0 for a in found.robustness.values())
+    curve = pd.read_csv(out / "robustness.csv")
+    assert curve["epsilon"].tolist() == pytest.approx(list(found.robustness))
+    np.testing.assert_allclose(curve["accuracy"], list(found.robustness.values()), atol=1e-6)
+
+    # calibration: one row per bin, every image in a bin, ECE as the function computes it
+    calibration = pd.read_csv(out / "calibration.csv")
+    assert len(calibration) == params.calibration_bins
+    assert calibration["count"].sum() == len(images)
+    assert found.ece == pytest.approx(
+        expected_calibration_error(probs, labels, params.calibration_bins)
+    )
+    # the flat metrics
+    assert set(found.metrics()) == {"ece"} | {
+        f"fgsm_accuracy_eps_{e:g}" for e in params.fgsm_epsilons
+    }
+    assert found.metrics()["ece"] == found.ece
+    for e in params.fgsm_epsilons:
+        assert found.metrics()[f"fgsm_accuracy_eps_{e:g}"] == found.robustness[e]

@@ -27,6 +27,7 @@ from pipelines.config import load_params
 from serving.app import create_app, parse_instances
 from serving.champion import Champion
 from serving.preprocess import mnist_digit
+from tests.browser import headless_chromium, needs_chromium
 from tests.conftest import PARAMS_PATH, REPO, make_arrays
 from tests.serving_support import publish_versions
 
@@ -492,35 +493,15 @@ def test_unknown_paths_and_methods_answer_in_the_same_error_format(served):
 # --- the drawing page, in a real headless Chromium -------------------------------------------
 
 
-def chromium_paths() -> tuple[str, str] | None:
-    import shutil
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(
-    chromium_paths() is None,
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
-)
+@needs_chromium
 def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_incoming):
     import base64
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = chromium_paths()
-    options = Options()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
+    with headless_chromium() as driver:
         driver.get(f"{live_server}/")
         canvas = driver.find_element(By.ID, "pad")
         # A vertical stroke down the middle of the canvas: a "1"
@@ -551,8 +532,6 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_i
         driver.find_element(By.ID, "correct").click()
         WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "saved").text)
         assert "Saved as a 4" in driver.find_element(By.ID, "saved").text
-    finally:
-        driver.quit()
     answer = httpx.post(
         f"{live_server}/predict/image", files={"file": ("d.png", drawing)}, timeout=10
     ).json()
