@@ -7,7 +7,8 @@ with ReduceLROnPlateau and EarlyStopping, and TensorFlow's default runtime setti
 
     python -m benchmarks.seed_recipe --data slice.npz --epochs 3
 
-Prints one JSON line: per-epoch seconds, training images per epoch, test accuracy, and with
+Prints one JSON line: per-epoch seconds (and the part of each spent before its first batch),
+training images per epoch, test accuracy, and with
 ``--test-each-epoch`` the test accuracy after every epoch (evaluated outside the timed epoch).
 """
 
@@ -47,12 +48,25 @@ def build_seed_model() -> keras.Sequential:
 
 
 class EpochTimer(keras.callbacks.Callback):
+    """Each epoch's wall time, and how much of it passed before its first training batch began.
+
+    That wait is input-pipeline time: Keras drops the previous epoch's spare tf.data iterator
+    there, and the drop waits for the iterator's autotuning thread (benchmarks/speed.py).
+    """
+
     def __init__(self):
         super().__init__()
         self.seconds: list[float] = []
+        self.waits: list[float] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
+        self.waiting = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.waiting:
+            self.waits.append(time.perf_counter() - self.start)
+            self.waiting = False
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self.start)
@@ -119,6 +133,7 @@ def main() -> None:
     probs = model.predict(x_test, batch_size=1000, verbose=0)
     result = {
         "epoch_seconds": timer.seconds,
+        "epoch_wait_seconds": timer.waits,
         "train_images": len(x) - int(len(x) * 0.2),
         "test_accuracy": float((probs.argmax(axis=1) == data["y_test"]).mean()),
     }

@@ -3,15 +3,20 @@
 Baseline: SEED, benchmarks/seed_recipe.py (stock Keras layers, `model.fit` on NumPy arrays,
 batch 128, 20% validation split, TensorFlow's default runtime settings on this machine).
 Compared: PROJECT, pipelines.train.train_model on the seed's model with params.yaml's augmentation policy
-(tf.data input, one fused affine augmentation, fused BatchNorm kernel, oneDNN), and the same
-path with oneDNN forced off, to separate the runtime setting from the code changes.
+(tf.data input without the autotuner, one fused affine augmentation, fused BatchNorm kernel,
+oneDNN), and the same path with oneDNN forced off, to separate the runtime setting from the code.
 
-Each mode trains the same model for the same number of epochs on the same slice, in a fresh
-process, modes interleaved, ``--repeats`` times. Throughput is training images per epoch times
-epochs over the summed epoch wall time (validation and every callback included). Printed: the
-median of the repeats per mode, its ratio to the seed recipe, and each mode's test accuracy.
+Each mode trains the same model for the same number of epochs on the same images (by default
+all 60,000, the real training job), in a fresh process, modes interleaved, ``--repeats`` times.
+Throughput is training images per epoch times epochs over the summed epoch wall time (validation
+and every callback included). Printed: the median of the repeats per mode, its ratio to the seed
+recipe, each mode's test accuracy, and the same throughput without the time each epoch spent
+before its first batch. In the seed recipe that wait is Keras dropping a spare tf.data iterator
+whose autotuning thread is busy: 1-19 s in about half the epochs on this machine (the project
+switches the autotuner off; see pipelines.train.make_dataset).
 
-    python -m benchmarks.speed --images 12000 --epochs 3 --repeats 3
+    python -m benchmarks.speed                      # full data, 3 epochs, 3 repeats (~15 min here)
+    python -m benchmarks.speed --images 12000       # a seeded slice: per-epoch costs weigh more
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ MODES = {
 
 def worker(data_path: str, epochs: int) -> None:
     """Train with the project's path on the slice and print the same JSON line as seed_recipe."""
+    from benchmarks.seed_recipe import EpochTimer
     from pipelines.config import load_params
     from pipelines.model import to_model_input
     from pipelines.train import select_images, train_model
@@ -62,20 +68,17 @@ def worker(data_path: str, epochs: int) -> None:
             "ema_momentum": 0.0,  # the seed recipe keeps no weight average: same maths, no extra op
         }
     )
-    seconds: list[float] = []
+    timer = EpochTimer()  # the seed recipe's timer, last among the callbacks as there
     result = train_model(
-        train,
-        params.augment,
-        data["x_train"],
-        data["y_train"],
-        on_epoch=lambda epoch, metrics: seconds.append(metrics["epoch_seconds"]),
+        train, params.augment, data["x_train"], data["y_train"], callbacks=[timer]
     )
     probs = result.model.predict(to_model_input(data["x_test"]), batch_size=1000, verbose=0)
     fit_images = len(select_images(data["x_train"], data["y_train"], train)[0])
     print(
         json.dumps(
             {
-                "epoch_seconds": seconds,
+                "epoch_seconds": timer.seconds,
+                "epoch_wait_seconds": timer.waits,
                 "train_images": fit_images,
                 "test_accuracy": float((probs.argmax(axis=1) == data["y_test"]).mean()),
             }
@@ -96,15 +99,20 @@ def run_mode(command: str, onednn: str | None, data_path: str, epochs: int) -> d
     if done.returncode != 0:
         raise SystemExit(f"benchmark mode {command!r} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["images_per_second"] = (
-        result["train_images"] * len(result["epoch_seconds"]) / sum(result["epoch_seconds"])
+    images = result["train_images"] * len(result["epoch_seconds"])
+    result["wait_seconds"] = sum(result["epoch_wait_seconds"])
+    result["images_per_second"] = images / sum(result["epoch_seconds"])
+    result["images_per_second_no_wait"] = images / (
+        sum(result["epoch_seconds"]) - result["wait_seconds"]
     )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=12000, help="training images in the slice")
+    parser.add_argument(
+        "--images", type=int, default=0, help="training images in a seeded slice; 0 = all"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--raw", default="data/raw")
@@ -119,7 +127,7 @@ def main() -> None:
     from pipelines.data import load_raw
 
     data = load_raw(args.raw, load_params().ingest.file_names)
-    pick = np.random.default_rng(0).permutation(len(data.x_train))[: args.images]
+    pick = np.random.default_rng(0).permutation(len(data.x_train))[: args.images or None]
     results: dict[str, list[dict]] = {name: [] for name in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         data_path = str(Path(tmp) / "slice.npz")
@@ -137,21 +145,32 @@ def main() -> None:
                 print(
                     f"repeat {repeat + 1}/{args.repeats}  {name:24} {r['images_per_second']:7.0f} img/s"
                     f"  epochs {[round(s, 1) for s in r['epoch_seconds']]} s"
+                    f" (before the first batch {[round(s, 1) for s in r['epoch_wait_seconds']]})"
                     f"  test acc {r['test_accuracy']:.4f}",
                     flush=True,
                 )
-    base = statistics.median(r["images_per_second"] for r in results["seed recipe (baseline)"])
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    seed = "seed recipe (baseline)"
     print(
-        f"\n{args.images} images ({data.data_source}), {args.epochs} epochs, "
-        f"median of {args.repeats} repeats; ratio = throughput / seed recipe's"
+        f"\n{len(pick)} images ({data.data_source}), {args.epochs} epochs, "
+        f"median of {args.repeats} repeats; ratio = throughput / seed recipe's.\n"
+        "wait = seconds per run spent before each epoch's first batch (input pipeline); "
+        "the last two columns leave it out"
     )
     print(
-        f"{'mode':24} {'train img/epoch':>15} {'img/s':>7} {'ratio':>6} {'test acc (median)':>18}"
+        f"{'mode':24} {'train img/epoch':>15} {'img/s':>7} {'ratio':>6} {'wait s':>7}"
+        f" {'img/s':>7} {'ratio':>6} {'test acc':>9}"
     )
     for name, runs in results.items():
-        ips = statistics.median(r["images_per_second"] for r in runs)
-        acc = statistics.median(r["test_accuracy"] for r in runs)
-        print(f"{name:24} {runs[0]['train_images']:15d} {ips:7.0f} {ips / base:5.2f}x {acc:18.4f}")
+        ips, bare = median(name, "images_per_second"), median(name, "images_per_second_no_wait")
+        print(
+            f"{name:24} {runs[0]['train_images']:15d} {ips:7.0f}"
+            f" {ips / median(seed, 'images_per_second'):5.2f}x {median(name, 'wait_seconds'):7.1f}"
+            f" {bare:7.0f} {bare / median(seed, 'images_per_second_no_wait'):5.2f}x"
+            f" {median(name, 'test_accuracy'):9.4f}"
+        )
 
 
 if __name__ == "__main__":

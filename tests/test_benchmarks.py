@@ -29,19 +29,22 @@ def test_speed_benchmark_prints_throughput_and_ratio_per_mode(raw_dir: Path) -> 
         "benchmarks.speed", "--images", "200", "--epochs", "1", "--repeats", "1",
         "--raw", str(raw_dir),
     )  # fmt: skip
-    # then it prints one result row per mode: images per epoch, img/s, ratio to the seed, accuracy
+    # then it prints one result row per mode: images per epoch, img/s, ratio to the seed, the wait
+    # before first batches, img/s and ratio without it, accuracy
     rows = {
         m.group(1).strip(): m.groups()[1:]
         for m in re.finditer(
             r"^(seed recipe \(baseline\)|project, oneDNN off|project)\s+(\d+)\s+(\d+)\s+"
-            r"([\d.]+)x\s+([\d.]+)$",
+            r"([\d.]+)x\s+([\d.]+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)$",
             out,
             flags=re.MULTILINE,
         )
     }
     assert set(rows) == {"seed recipe (baseline)", "project, oneDNN off", "project"}, out
-    assert rows["seed recipe (baseline)"][2] == "1.00"  # the baseline's ratio to itself
-    assert all(int(images) > 0 and int(speed) > 0 for images, speed, _, _ in rows.values())
+    for images, speed, _, wait, bare_speed, _, _ in rows.values():
+        assert int(images) > 0 and 0 < int(speed) <= int(bare_speed) and float(wait) >= 0
+    # the baseline's ratios to itself
+    assert rows["seed recipe (baseline)"][2] == rows["seed recipe (baseline)"][5] == "1.00"
 
 
 def test_time_to_accuracy_benchmark_prints_each_epoch_and_the_target(raw_dir: Path) -> None:

@@ -110,6 +110,16 @@ def test_make_dataset_shuffles_reproducibly(tiny_dataset: Dataset) -> None:
     assert order(3) == first
 
 
+def test_make_dataset_runs_without_the_tf_data_autotuner(tiny_dataset: Dataset) -> None:
+    # The autotuner's thread made Keras stall 1-19 s at the start of about half the epochs
+    # (make_dataset's docstring); both the training and the validation pipeline must run without it.
+    images, labels = tiny_dataset.x_train[:40], tiny_dataset.y_train[:40]
+    for shuffle_seed in (None, 0):
+        ds = make_dataset(images, labels, batch_size=16, shuffle_seed=shuffle_seed)
+        assert ds.options().autotune.enabled is False
+        assert sum(len(y) for _, y in ds) == 40
+
+
 def test_recalibrate_batchnorm_sets_exact_statistics_of_clean_images():
     import keras
 
