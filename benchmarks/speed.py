@@ -69,9 +69,7 @@ def worker(data_path: str, epochs: int) -> None:
         }
     )
     timer = EpochTimer()  # the seed recipe's timer, last among the callbacks as there
-    result = train_model(
-        train, params.augment, data["x_train"], data["y_train"], callbacks=[timer]
-    )
+    result = train_model(train, params.augment, data["x_train"], data["y_train"], callbacks=[timer])
     probs = result.model.predict(to_model_input(data["x_test"]), batch_size=1000, verbose=0)
     fit_images = len(select_images(data["x_train"], data["y_train"], train)[0])
     print(
@@ -149,6 +147,7 @@ def main() -> None:
                     f"  test acc {r['test_accuracy']:.4f}",
                     flush=True,
                 )
+
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
