@@ -26,7 +26,7 @@ def constant_app() -> FastAPI:
 
 
 def main() -> None:
-    from serving.app import run_server
+    from serving.workers import run_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)

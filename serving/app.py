@@ -12,7 +12,8 @@ Endpoints (all errors are JSON ``{"error": message, "field": name}`` with a 4xx 
   GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
   GET  /                                    the drawing page
 Only the HTTP layer lives here: inference is ``pipelines.runtime``, preprocessing
-``serving.preprocess``, model loading and hot reload ``serving.champion``.
+``serving.preprocess``, model loading and hot reload ``serving.champion``, worker processes
+``serving.workers``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipelines.config import Params, ServeParams, load_params
 from pipelines.merge import INCOMING_DIR, save_incoming
 from serving.champion import Champion, Loaded
 from serving.preprocess import ImageError, decode, mnist_digit
+from serving.workers import run_server
 
 log = logging.getLogger("serving.app")
 STATIC = Path(__file__).parent / "static"
@@ -383,31 +385,6 @@ def app_from_environment() -> FastAPI:
         load_params(os.environ.get("MNIST_SERVE_PARAMS", "params.yaml")),
         incoming_dir=Path(os.environ.get("MNIST_SERVE_INCOMING", INCOMING_DIR)),
     )
-
-
-def run_server(
-    app: FastAPI | str, host: str, port: int, workers: int = 1, log_level: str = "info"
-) -> None:
-    """Serve ``app`` under uvicorn; with ``workers`` above 1, ``app`` is an import string of an
-    application factory and each worker process runs its own.
-
-    uvicorn's multi-worker mode binds its socket with protocol 0, so asyncio does not set
-    TCP_NODELAY on the connections it accepts: Nagle's algorithm then holds each response until
-    the client's delayed ACK, and every request takes 40 ms or more. The listening socket is
-    rebuilt here from its descriptor, so that it reports TCP and the option is set.
-    """
-    import socket
-
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
-    options = dict(host=host, port=port, log_level=log_level, access_log=False)
-    if workers == 1:
-        uvicorn.run(app, **options)
-        return
-    config = uvicorn.Config(app, factory=True, workers=workers, **options)
-    listening = socket.socket(fileno=config.bind_socket().detach())
-    Multiprocess(config, sockets=[listening]).run()
 
 
 def main() -> None:

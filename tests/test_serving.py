@@ -302,8 +302,8 @@ def live_incoming(tmp_path_factory):
 
 @contextlib.contextmanager
 def serving_process(store, folder, *args):
-    """`python -m serving.app *args` on a free loopback port with the test registry; its URL.
-    Stopped (and checked to have let go of its port) on exit."""
+    """`python -m serving.app *args` on a free loopback port with the test registry; its URL and
+    process. Stopped (and checked to have let go of its port) on exit."""
     params = yaml.safe_load(PARAMS_PATH.read_text())
     params["serve"]["poll_interval_s"] = 1
     params_file = folder / "params.yaml"
@@ -336,7 +336,7 @@ def serving_process(store, folder, *args):
             time.sleep(0.3)
         else:
             raise RuntimeError("server not ready in 90 s")
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -349,26 +349,75 @@ def live_server(registry, tmp_path_factory, live_incoming):
     """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
     store, _, _ = registry
     folder = tmp_path_factory.mktemp("serve")
-    with serving_process(store, folder, "--incoming", str(live_incoming)) as url:
+    with serving_process(store, folder, "--incoming", str(live_incoming)) as (url, _):
         yield url
 
 
-def test_two_worker_processes_serve_without_a_nagle_stall(registry, tmp_path):
-    """--workers 2: both processes answer, and a request on a kept-alive connection is not held
-    back by Nagle's algorithm (uvicorn's shared socket would leave TCP_NODELAY off: >= 40 ms)."""
+def test_two_worker_processes_serve_without_a_nagle_stall_and_share_connections(registry, tmp_path):
+    """--workers 2: both processes answer; a request on a kept-alive connection is not held back
+    by Nagle's algorithm (uvicorn's shared socket would leave TCP_NODELAY off: >= 40 ms); and a
+    burst of connections is spread over both workers (asyncio alone lets the first worker to wake
+    accept them all)."""
     store, _, _ = registry
     args = ("--workers", "2", "--incoming", str(tmp_path))
-    with (
-        serving_process(store, tmp_path, *args) as url,
-        httpx.Client(base_url=url, timeout=10) as client,
-    ):
-        seconds = []
-        for _ in range(20):
-            start = time.perf_counter()
-            answer = client.post(PREDICT, json={"instances": [GOOD]})
-            seconds.append(time.perf_counter() - start)
-            assert answer.status_code == 200 and answer.json()["model_version"] == "1"
-    assert float(np.median(seconds)) < 0.030, seconds
+    with serving_process(store, tmp_path, *args) as (url, process):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            seconds = []
+            for _ in range(20):
+                start = time.perf_counter()
+                answer = client.post(PREDICT, json={"instances": [GOOD]})
+                seconds.append(time.perf_counter() - start)
+                assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+        assert float(np.median(seconds)) < 0.030, seconds
+
+        wait_for_lines(process, "Application startup complete.", 2)  # both workers serve
+        held = connections_per_worker(process.pid, int(url.rsplit(":", 1)[1]), 8)
+    counts = sorted(count for count in held.values() if count)
+    assert len(counts) == 2 and sum(counts) == 8 and counts[0] >= 3, held
+
+
+def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: float = 60) -> None:
+    """Read the process's output (unbuffered, from its descriptor) until ``text`` has appeared
+    ``n`` times."""
+    import selectors
+
+    output, deadline = "", time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout.fileno(), selectors.EVENT_READ)
+        while output.count(text) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise TimeoutError(
+                    f"{text!r} {output.count(text)} of {n} times in {timeout_s:.0f} s"
+                )
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"server output ended: {output[-2000:]}")
+            output += chunk.decode(errors="replace")
+
+
+def connections_per_worker(server_pid: int, port: int, n: int) -> dict[int, int]:
+    """Open ``n`` connections at once, get an answer on each, and count how many each of the
+    server's processes holds."""
+    import psutil
+
+    burst = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    try:
+        for sock in burst:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in burst:  # answered, so accepted by some worker
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        return {
+            worker.pid: sum(
+                1
+                for conn in worker.net_connections("tcp")
+                if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == port
+            )
+            for worker in psutil.Process(server_pid).children(recursive=True)
+        }
+    finally:
+        for sock in burst:
+            sock.close()
 
 
 def test_entry_point_serves_the_champion_on_loopback(live_server):
