@@ -14,6 +14,8 @@ accepts from it. Two things about that socket are fixed here:
   connections, so a burst of connections is spread evenly (least connections, as a load balancer
   would). A worker that holds more waits for a less loaded one to take the connection, for at most
   ``max_defer_s``, then takes it itself, so a stuck or busy worker cannot stall new connections.
+  The workers run asyncio's own event loop: uvloop (which uvicorn picks when it is installed)
+  accepts in C and would bypass ``accept`` here (with it, 32 connections split 20/12 and 17/15).
 """
 
 from __future__ import annotations
@@ -158,6 +160,6 @@ def run_server(app, host: str, port: int, workers: int = 1, log_level: str = "in
     if workers == 1:
         uvicorn.run(app, **options)
         return
-    config = uvicorn.Config(app, factory=True, workers=workers, **options)
+    config = uvicorn.Config(app, factory=True, workers=workers, loop="asyncio", **options)
     listener = BalancedListener.from_socket(config.bind_socket())
     Multiprocess(config, sockets=[listener]).run()
