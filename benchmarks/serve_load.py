@@ -99,7 +99,7 @@ class _Client(asyncio.Protocol):
     request at 32 clients, against 93-119 µs with asyncio streams, measured side by side)."""
 
     def __init__(self, run: _Run):
-        self.run, self.buffer, self.need = run, b"", -1
+        self.run, self.buffer, self.need, self.error = run, b"", -1, None
 
     def connection_made(self, transport):
         self.transport = transport
@@ -118,8 +118,10 @@ class _Client(asyncio.Protocol):
                     return
                 head = self.buffer[:end].lower()  # b"http/1.1 200 ok\r\n...content-length: n..."
                 at = head.find(b"content-length:")
-                if at < 0:
-                    raise ValueError(f"answer without Content-Length: {head[:200]!r}")
+                if at < 0:  # ends the run with this error
+                    self.error = ValueError(f"answer without Content-Length: {head[:200]!r}")
+                    self.transport.close()
+                    return
                 line_end = head.find(b"\r\n", at)
                 length = int(head[at + 15 : line_end if line_end >= 0 else None])
                 self.status = int(head[9:12])
@@ -134,7 +136,7 @@ class _Client(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc) -> None:
-        self.run.closed(exc)
+        self.run.closed(exc or self.error)
 
 
 class _Run:
