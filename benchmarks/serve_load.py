@@ -59,36 +59,15 @@ def start(argv: list[str], port: int, ready_path: str, timeout_s: float = 120) -
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"{' '.join(argv)} exited: {process.stderr.read()[-2000:]}")
-        try:
-            status = asyncio.run(one_request(port, f"GET {ready_path} HTTP/1.1\r\nHost: x\r\n\r\n"))
-            if status == 200:
+        ready = f"GET {ready_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        try:  # one request; counted only if it is answered 200
+            if asyncio.run(asyncio.wait_for(load(port, ready, 1, 10.0, 1), 10))["requests"]:
                 return process
-        except OSError:
+        except OSError:  # refused while starting, or no answer in time (TimeoutError)
             pass
         time.sleep(0.5)
     process.kill()
     raise SystemExit(f"{' '.join(argv)}: {ready_path} not 200 within {timeout_s:.0f} s")
-
-
-async def read_response(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 response with a Content-Length body; return its status."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    length = next(
-        int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
-    )
-    await reader.readexactly(length)
-    return status
-
-
-async def one_request(port: int, request: str) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request.encode())
-    await writer.drain()
-    status = await read_response(reader)
-    writer.close()
-    return status
 
 
 class _Client(asyncio.Protocol):
