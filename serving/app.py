@@ -3,7 +3,8 @@
     make serve                      # http://127.0.0.1:8000 (PORT=... to change it)
     python -m serving.app --port 8001 --workers 2   # one process (and model) per worker
 
-Endpoints (all errors are JSON ``{"error": message, "field": name}`` with a 4xx status):
+Endpoints (errors are JSON ``{"error": message, "field": name}``: 4xx for bad input, 503 from the
+predict endpoints while no model is loaded; ``/ready`` says 503 ``{"ready": false, "reason": ...}``):
   POST /v1/models/mnist-classifier:predict  TensorFlow Serving's REST predict API (row format)
   POST /predict                             the same body; digit, probabilities and model version
   POST /predict/image                       an uploaded PNG/JPEG of one digit (MNIST preprocessing)
@@ -406,6 +407,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging()
+    # The server logs each model it loads; MLflow's download progress bar (tqdm) would add bars
+    # to that log on every reload, and its multiprocessing lock, left in each worker, made Python
+    # warn of "leaked semaphore objects" whenever a --workers 2 server stopped. Inherited by
+    # the worker processes. Set MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true to have the bars back.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     params = load_params(args.params)
     host = args.host or params.serve.host
     port = args.port or int(os.environ.get("PORT", params.serve.port))

@@ -370,15 +370,30 @@ def test_two_worker_processes_serve_without_a_nagle_stall_and_share_connections(
                 assert answer.status_code == 200 and answer.json()["model_version"] == "1"
         assert float(np.median(seconds)) < 0.030, seconds
 
-        wait_for_lines(process, "Application startup complete.", 2)  # both workers serve
-        held = connections_per_worker(process.pid, int(url.rsplit(":", 1)[1]), 8)
-    counts = sorted(count for count in held.values() if count)
-    assert len(counts) == 2 and sum(counts) == 8 and counts[0] >= 3, held
+        output = wait_for_lines(process, "Application startup complete.", 2)  # both serve
+        # Five bursts of 8 connections. Measured over 100 bursts with the balancing, the less
+        # loaded worker held 4 in 61, 3 in 37 and 2 in 2; with the deferral switched off (40),
+        # 1 in 28, 0 in 6, 2 in 5 and 3 in 1.
+        port = int(url.rsplit(":", 1)[1])
+        fewer = []
+        for _ in range(5):
+            held = connections_per_worker(process.pid, port, 8)
+            counts = sorted(count for count in held.values() if count)
+            assert sum(counts) == 8 and len(counts) <= 2, held  # two workers, nobody else
+            fewer.append(counts[0] if len(counts) == 2 else 0)
+            time.sleep(0.2)  # the workers see this burst's connections close
+    assert sum(fewer) >= 13, fewer
+    # A clean log from start to stop: no download progress bars, and no multiprocessing lock left
+    # behind in a worker (tqdm's, which made Python warn of "leaked semaphore objects").
+    output += process.stdout.read()
+    assert "Finished server process" in output, output[-2000:]
+    for noise in ("Downloading artifacts", "leaked semaphore", "Traceback"):
+        assert noise not in output, output[-2000:]
 
 
-def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: float = 60) -> None:
+def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: float = 60) -> str:
     """Read the process's output (unbuffered, from its descriptor) until ``text`` has appeared
-    ``n`` times."""
+    ``n`` times; what it read."""
     import selectors
 
     output, deadline = "", time.monotonic() + timeout_s
@@ -394,6 +409,7 @@ def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: floa
             if not chunk:
                 raise RuntimeError(f"server output ended: {output[-2000:]}")
             output += chunk.decode(errors="replace")
+    return output
 
 
 def connections_per_worker(server_pid: int, port: int, n: int) -> dict[int, int]:
