@@ -3,9 +3,11 @@
 Baseline: ON THE FLY, as pipelines/train.py does it (augmentation layers in the fitted graph,
 fresh variants every epoch). Alternative: PRECOMPUTED, one seeded augmented copy of the
 training slice per epoch, made once up front (what a DVC-cached augment output would hold),
-then plain training on copy e in epoch e. Both use the same model, params, slice and epochs.
+then plain training on copy e in epoch e. Both use the same model (fused BatchNorm), params,
+callbacks (pipelines.train.training_callbacks: schedule, clean BatchNorm, weight average), slice
+and epochs, in one fit() each: only where the augmentation happens differs.
 
-Prints, per mode: one-off precompute time, median seconds per epoch, total time and test accuracy
+Prints, per mode: one-off precompute time, epochs run, median seconds per epoch, total time and test accuracy
 on the full test set, and each figure's ratio against the on-the-fly baseline.
 
     python -m benchmarks.augment_modes --images 12000 --epochs 5
@@ -14,6 +16,8 @@ on the full test set, and each figure's ratio against the on-the-fly baseline.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import statistics
 import time
 
@@ -25,19 +29,17 @@ from pipelines.config import load_params
 from pipelines.data import load_raw
 from pipelines.model import build_model, to_model_input
 from pipelines.train import (
-    CleanBatchNorm,
-    EpochProgress,
     compile_for_training,
     make_dataset,
-    recalibrate_batchnorm,
-    schedule_callbacks,
     select_images,
     train_model,
+    training_callbacks,
 )
 
 
 def precomputed_run(params, policy, x, y, x_test, y_test):
-    """Make one augmented copy per epoch up front, then fit epoch e on copy e."""
+    """Make one augmented copy of the fitted images per epoch up front, then train as train_model
+    does (same model, optimiser, callbacks and weight average), epoch e on copy e."""
     keras.utils.set_random_seed(params.seed)
     x_fit, y_fit, x_val, y_val = select_images(x, y, params)
     augmenter = build_augmenter(policy, seed=params.seed)
@@ -51,32 +53,29 @@ def precomputed_run(params, policy, x, y, x_test, y_test):
         copies.append((np.concatenate(chunks)[..., 0] * 255).round().astype(np.uint8))
     precompute_s = time.perf_counter() - start
 
-    model = build_model(params.model)
+    model = build_model(params.model, fused_batchnorm=True)
     compile_for_training(model, params)
-    val_ds = make_dataset(x_val, y_val, params.batch_size)
-    calibration = x_fit[: params.bn_calibration_images]
-    # The same learning-rate and BatchNorm treatment as train_model, so only the augmentation differs.
-    callbacks = [
-        CleanBatchNorm(model, calibration),
-        *schedule_callbacks(params),
-        EpochProgress(params.epochs),
+    epoch_times: list[float] = []
+    callbacks, clean_bn = training_callbacks(
+        params, model, x_fit, on_epoch=lambda e, m: epoch_times.append(m["epoch_seconds"])
+    )
+    # One fit() over all epochs, as train_model runs it (the schedule's counters and the weight
+    # average live across epochs): the copies back to back, each shuffled; an epoch is one copy.
+    batches = [
+        make_dataset(images, y_fit, params.batch_size, shuffle_seed=params.seed + epoch)
+        for epoch, images in enumerate(copies)
     ]
-    epoch_times = []
-    for epoch, images in enumerate(copies):
-        ds = make_dataset(images, y_fit, params.batch_size, shuffle_seed=params.seed + epoch)
-        t0 = time.perf_counter()
-        model.fit(
-            ds,
-            validation_data=val_ds,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            verbose=0,
-            callbacks=callbacks,
-        )
-        epoch_times.append(time.perf_counter() - t0)
-    recalibrate_batchnorm(model, calibration)
-    acc = test_accuracy(model, x_test, y_test)
-    return precompute_s, epoch_times, acc
+    model.fit(
+        functools.reduce(lambda a, b: a.concatenate(b), batches),
+        validation_data=make_dataset(x_val, y_val, params.batch_size),
+        epochs=params.epochs,
+        steps_per_epoch=math.ceil(len(x_fit) / params.batch_size),
+        verbose=0,
+        callbacks=callbacks,
+    )
+    if clean_bn is not None:
+        clean_bn.calibrate()
+    return precompute_s, epoch_times, test_accuracy(model, x_test, y_test)
 
 
 def online_run(params, policy, x, y, x_test, y_test):
@@ -114,17 +113,19 @@ def main() -> None:
         pre, epochs, acc = fn(
             params, all_params.augment, data.x_train, data.y_train, data.x_test, data.y_test
         )
-        rows[name] = (pre, statistics.median(epochs), pre + sum(epochs), acc)
+        rows[name] = (pre, len(epochs), statistics.median(epochs), pre + sum(epochs), acc)
     base = rows["on the fly (baseline)"]
     print(
         f"\n{args.images or len(data.x_train)} training images, {args.epochs} epochs, data_source={data.data_source}"
     )
     print(
-        f"{'mode':24} {'precompute s':>12} {'median epoch s':>15} {'total s':>9} {'test acc':>9}  ratios vs baseline (epoch, total)"
+        f"{'mode':24} {'precompute s':>12} {'epochs':>6} {'median epoch s':>15} {'total s':>9}"
+        f" {'test acc':>9}  ratios vs baseline (epoch, total)"
     )
-    for name, (pre, med, total, acc) in rows.items():
+    for name, (pre, n, med, total, acc) in rows.items():
         print(
-            f"{name:24} {pre:12.1f} {med:15.2f} {total:9.1f} {acc:9.4f}  {med / base[1]:.2f}x, {total / base[2]:.2f}x"
+            f"{name:24} {pre:12.1f} {n:6d} {med:15.2f} {total:9.1f} {acc:9.4f}"
+            f"  {med / base[2]:.2f}x, {total / base[3]:.2f}x"
         )
 
 

@@ -222,9 +222,21 @@ def compile_for_training(model: keras.Model, params: TrainParams) -> None:
     )
 
 
-def schedule_callbacks(params: TrainParams) -> list[keras.callbacks.Callback]:
-    """The learning-rate schedule: per-epoch decay, with ReduceLROnPlateau's cuts on top."""
-    return [
+def training_callbacks(
+    params: TrainParams,
+    model: keras.Sequential,
+    calibration_images: np.ndarray,
+    on_epoch: EpochHook | None = None,
+    backup_dir: Path | None = None,
+    extra: list[keras.callbacks.Callback] | None = None,
+) -> tuple[list[keras.callbacks.Callback], CleanBatchNorm | None]:
+    """The callbacks of a training run, in order, and the clean-BatchNorm calibrator (call it once
+    more after ``fit``: the final weights get their clean statistics; None if switched off).
+
+    The learning-rate schedule is a per-epoch decay with ReduceLROnPlateau's cuts on top.
+    ``extra`` callbacks run after the built-in ones, so they see clean-BatchNorm validation metrics.
+    """
+    callbacks: list[keras.callbacks.Callback] = [
         EpochDecay(params.lr_decay),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss",
@@ -233,7 +245,30 @@ def schedule_callbacks(params: TrainParams) -> list[keras.callbacks.Callback]:
             min_lr=params.min_learning_rate,
             verbose=0,
         ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=params.early_stopping_patience,
+            restore_best_weights=params.restore_best_weights,
+            verbose=0,
+        ),
+        EpochProgress(params.epochs, on_epoch),
+        *(extra or []),
     ]
+    clean_bn = None
+    if params.bn_calibration_images:
+        # Before EarlyStopping and the LR callbacks read val_loss (they act at epoch end; this at test begin).
+        clean_bn = CleanBatchNorm(model, calibration_images[: params.bn_calibration_images])
+        callbacks.insert(0, clean_bn)
+    if params.ema_momentum:
+        # Validation measures the averaged weights (swapped in before CleanBatchNorm recalibrates
+        # for them, swapped out after); fit() ends by writing the averages into the model.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights())
+    if backup_dir is not None:
+        # Saves model, optimiser and epoch after every epoch and restores them on a rerun;
+        # deletes its files once fit() completes. (The LR-plateau and early-stopping counters
+        # restart from zero after a resume: a compromise Keras makes, not us.)
+        callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch"))
+    return callbacks, clean_bn
 
 
 def train_model(
@@ -272,33 +307,9 @@ def train_model(
             name="train_graph",
         )
     compile_for_training(fitted, params)
-    all_callbacks = [
-        *schedule_callbacks(params),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss",
-            patience=params.early_stopping_patience,
-            restore_best_weights=params.restore_best_weights,
-            verbose=0,
-        ),
-        EpochProgress(params.epochs, on_epoch),
-        *(callbacks or []),
-    ]
-    clean_bn = None
-    if params.bn_calibration_images:
-        # Before EarlyStopping and the LR callbacks read val_loss (they act at epoch end; this at test begin).
-        clean_bn = CleanBatchNorm(model, x_fit[: params.bn_calibration_images])
-        all_callbacks.insert(0, clean_bn)
-    if params.ema_momentum:
-        # Validation measures the averaged weights (swapped in before CleanBatchNorm recalibrates
-        # for them, swapped out after); fit() ends by writing the averages into the model.
-        all_callbacks.insert(0, keras.callbacks.SwapEMAWeights())
-    if backup_dir is not None:
-        # Saves model, optimiser and epoch after every epoch and restores them on a rerun;
-        # deletes its files once fit() completes. (The LR-plateau and early-stopping counters
-        # restart from zero after a resume: a compromise Keras makes, not us.)
-        all_callbacks.insert(
-            0, keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch")
-        )
+    all_callbacks, clean_bn = training_callbacks(
+        params, model, x_fit, on_epoch, backup_dir, callbacks
+    )
     log.info(
         "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s, %s",
         len(x_fit),

@@ -77,3 +77,27 @@ def test_adversarial_benchmark_prints_both_arms_and_the_difference(raw_dir: Path
     assert [r[0] for r in rows] == ["plain", "adversarial"], out
     assert all(0 <= float(v) <= 100 for r in rows for v in r[1:])
     assert re.search(r"^difference\s+[+-][\d.]+p\s+[+-][\d.]+p\s+[+-][\d.]+p\s+[\d.]+x$", out, re.M)
+
+
+def test_augment_modes_benchmark_prints_both_modes_against_the_baseline(raw_dir: Path) -> None:
+    # when both modes train two epochs on 300 images (the precomputed one: two copies, one fit)
+    out = run_benchmark(
+        "benchmarks.augment_modes", "--images", "300", "--epochs", "2", "--raw", str(raw_dir)
+    )
+    # then each mode prints its precompute time, median epoch, total and test accuracy, and its
+    # ratios to the on-the-fly baseline
+    rows = {
+        m.group(1): [float(v) for v in m.groups()[1:]]
+        for m in re.finditer(
+            r"^(on the fly \(baseline\)|precomputed)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)"
+            r"\s+([\d.]+)\s+([\d.]+)x, ([\d.]+)x$",
+            out,
+            flags=re.MULTILINE,
+        )
+    }
+    assert set(rows) == {"on the fly (baseline)", "precomputed"}, out
+    base, pre = rows["on the fly (baseline)"], rows["precomputed"]
+    assert base[0] == 0 and pre[0] > 0, out  # only the precomputed mode augments up front
+    for precompute, epochs, median, total, accuracy, _, _ in (base, pre):
+        assert epochs == 2 and median > 0 and total >= precompute + median and 0 <= accuracy <= 1
+    assert base[5] == base[6] == 1.0
