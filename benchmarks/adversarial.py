@@ -64,8 +64,8 @@ def arm(args: argparse.Namespace, adversarial: bool, model_out: Path) -> dict:
 
 
 def score(model, data, epsilons: list[float]) -> dict:
-    from pipelines.evaluate import predict_probabilities
     from pipelines.insight import fgsm
+    from pipelines.model import predict_probabilities
 
     probs = predict_probabilities(model, data.x_test, 1000)
     return {

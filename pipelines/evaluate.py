@@ -107,13 +107,6 @@ def evaluate_probabilities(probs: np.ndarray, y_true: np.ndarray, top_pairs: int
     )
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, 28, 28) uint8 -> (N, 10) float probabilities."""
-    from pipelines.model import to_model_input
-
-    return np.asarray(model.predict(to_model_input(images), batch_size=batch_size, verbose=0))
-
-
 def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
     """Heatmap of the confusion matrix with counts in the cells."""
     import matplotlib
@@ -277,6 +270,7 @@ def main() -> None:
 
     from pipelines import tracking
     from pipelines.cli import base_parser
+    from pipelines.model import predict_probabilities
     from pipelines.report import render_off_notice
 
     parser = base_parser(__doc__.splitlines()[0])

@@ -17,6 +17,11 @@ def to_model_input(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, dtype=np.float32) / 255.0)[..., np.newaxis]
 
 
+def predict_probabilities(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, 28, 28) uint8 -> (N, 10) float probabilities, from a Keras model."""
+    return np.asarray(model.predict(to_model_input(images), batch_size=batch_size, verbose=0))
+
+
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """BatchNormalization whose training step is TensorFlow's fused kernel (FusedBatchNormV3).
 

@@ -77,7 +77,7 @@ def score_version(uri: str, images: np.ndarray, labels: np.ndarray, batch_size: 
     """Load a registered Keras model and return its accuracy on the given images."""
     import mlflow
 
-    from pipelines.evaluate import predict_probabilities
+    from pipelines.model import predict_probabilities
 
     model = mlflow.keras.load_model(uri)
     probs = predict_probabilities(model, images, batch_size)
@@ -95,8 +95,7 @@ def check_served(
     batch_size: int,
 ) -> tuple[dict[str, str], str | None]:
     """Gate step 3. Returns the version tags it measured and the failure (None: passed)."""
-    from pipelines.evaluate import predict_probabilities
-    from pipelines.model import to_model_input
+    from pipelines.model import predict_probabilities, to_model_input
     from pipelines.runtime import load_registered
 
     tags = {"served_format": served_format, "parity_passed": str(parity["passed"]).lower()}

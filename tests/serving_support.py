@@ -43,8 +43,9 @@ def publish_versions(store_dir, params, x_train, y_train, x_test, y_test):
 
     from pipelines import tracking
     from pipelines.data import write_json
-    from pipelines.evaluate import evaluate_probabilities, predict_probabilities
+    from pipelines.evaluate import evaluate_probabilities
     from pipelines.export import run_export
+    from pipelines.model import predict_probabilities
     from pipelines.register import register_model
 
     tracking.setup("serving-test")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipelines.config import ModelParams
-from pipelines.evaluate import confusion_matrix, most_confused_pairs, predict_probabilities
+from pipelines.evaluate import confusion_matrix, most_confused_pairs
 from pipelines.insight import (
     as_model_input,
     calibration_table,
@@ -28,7 +28,7 @@ from pipelines.insight import (
     reliability_diagram,
     seeded_sample,
 )
-from pipelines.model import build_model, to_model_input
+from pipelines.model import build_model, predict_probabilities, to_model_input
 
 EPSILONS = [0.0, 0.05, 0.1, 0.2, 0.3]
 

@@ -9,8 +9,8 @@ import pytest
 
 from pipelines import tracking
 from pipelines.config import ModelParams, RegisterParams
-from pipelines.evaluate import evaluate_probabilities, predict_probabilities
-from pipelines.model import build_model, to_model_input
+from pipelines.evaluate import evaluate_probabilities
+from pipelines.model import build_model, predict_probabilities, to_model_input
 from pipelines.register import register_model
 
 GATE = RegisterParams(
