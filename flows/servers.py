@@ -9,7 +9,7 @@ Each process gets its own session (process group); its pid goes to ``.run/<name>
 output to ``.run/<name>.log``. Prefect keeps its sqlite database in ``.run/prefect/``
 (PREFECT_HOME, so ~/.prefect is left alone); MLflow serves ``mlruns/``, the same store that runs
 without a server write to, so its UI shows both. ``up`` starts only what is not already running
-(pid alive, and answering), then waits until each one answers. ``down`` cancels the deployments'
+(its pid file names a live process that is still ours), then waits until each one answers. ``down`` cancels the deployments'
 runs in progress through Prefect, then stops exactly the pids in the pid files and whatever they
 started.
 """

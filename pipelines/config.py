@@ -1,6 +1,8 @@
 """Typed, frozen view of ``params.yaml``: one pydantic model per section, unknown keys rejected.
 
-Section names are stage names are module names (``train`` -> ``pipelines/train.py``).
+A stage's section has the stage's name and module (``train`` -> ``pipelines/train.py``); ``serve``
+belongs to ``serving/``, ``deploy`` to ``flows/deploy.py``, and ``tracking`` and ``adversarial``
+are shared by several stages.
 Every number the pipeline uses lives in ``params.yaml``; this module only gives it types.
 """
 
