@@ -55,11 +55,11 @@ def start(argv: list[str], port: int, ready_path: str, timeout_s: float = 120) -
         stderr=subprocess.PIPE,
         text=True,
     )
+    ready = f"GET {ready_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"{' '.join(argv)} exited: {process.stderr.read()[-2000:]}")
-        ready = f"GET {ready_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         try:  # one request; counted only if it is answered 200
             if asyncio.run(asyncio.wait_for(load(port, ready, 1, 10.0, 1), 10))["requests"]:
                 return process
