@@ -4,7 +4,9 @@ Baseline: SEED, benchmarks/seed_recipe.py (stock Keras layers, `model.fit` on Nu
 batch 128, 20% validation split, TensorFlow's default runtime settings on this machine).
 Compared: PROJECT, pipelines.train.train_model on the seed's model with params.yaml's augmentation policy
 (tf.data input without the autotuner, one fused affine augmentation, fused BatchNorm kernel,
-oneDNN), and the same path with oneDNN forced off, to separate the runtime setting from the code.
+oneDNN, and ``train.precision`` from params.yaml: ``auto`` is bfloat16 mixed precision on a CPU with
+native bfloat16); the same path in float32; and in float32 with oneDNN forced off. The last two
+separate what the precision, the runtime setting and the code each bring.
 
 Each mode trains the same model for the same number of epochs on the same images (by default
 all 60,000, the real training job), in a fresh process, modes interleaved, ``--repeats`` times.
@@ -17,6 +19,7 @@ switches the autotuner off; see pipelines.train.make_dataset).
 
     python -m benchmarks.speed                      # full data, 3 epochs, 3 repeats (~15 min here)
     python -m benchmarks.speed --images 12000       # a seeded slice: per-epoch costs weigh more
+    python -m benchmarks.speed --modes seed project # only these modes (the seed recipe always runs)
 """
 
 from __future__ import annotations
@@ -37,19 +40,26 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+SEED = "seed recipe (baseline)"
 MODES = {
-    # name: (command after `python -m`, TF_ENABLE_ONEDNN_OPTS for the child; None = as the user has it)
-    "seed recipe (baseline)": ("benchmarks.seed_recipe", None),
-    "project, oneDNN off": ("benchmarks.speed --worker", "0"),
-    "project": ("benchmarks.speed --worker", "1"),
+    # short name: (printed name, command after `python -m`,
+    #              TF_ENABLE_ONEDNN_OPTS for the child; None = as the user has it)
+    "seed": (SEED, "benchmarks.seed_recipe", None),
+    "onednn-off": (
+        "project, f32, oneDNN off",
+        "benchmarks.speed --worker --precision float32",
+        "0",
+    ),
+    "float32": ("project, float32", "benchmarks.speed --worker --precision float32", "1"),
+    "project": ("project", "benchmarks.speed --worker", "1"),
 }
 
 
-def worker(data_path: str, epochs: int) -> None:
+def worker(data_path: str, epochs: int, precision: str | None) -> None:
     """Train with the project's path on the slice and print the same JSON line as seed_recipe."""
     from benchmarks.seed_recipe import EpochTimer
     from pipelines.config import load_params
-    from pipelines.model import to_model_input
+    from pipelines.model import compute_dtype, to_model_input
     from pipelines.train import select_images, train_model
 
     params = load_params()
@@ -66,6 +76,7 @@ def worker(data_path: str, epochs: int) -> None:
             "max_images": 0,
             "model": seed_model,
             "ema_momentum": 0.0,  # the seed recipe keeps no weight average: same maths, no extra op
+            "precision": precision or params.train.precision,
         }
     )
     timer = EpochTimer()  # the seed recipe's timer, last among the callbacks as there
@@ -78,6 +89,7 @@ def worker(data_path: str, epochs: int) -> None:
                 "epoch_seconds": timer.seconds,
                 "epoch_wait_seconds": timer.waits,
                 "train_images": fit_images,
+                "compute_dtype": compute_dtype(train.precision),
                 "test_accuracy": float((probs.argmax(axis=1) == data["y_test"]).mean()),
             }
         ),
@@ -114,19 +126,28 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--raw", default="data/raw")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="modes to run (default: all); the seed recipe is always one of them",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.data, args.epochs)
+        worker(args.data, args.epochs, args.precision)
         return
+    modes = {MODES[key][0]: MODES[key][1:] for key in MODES if key in {"seed", *args.modes}}
 
     from pipelines.config import load_params
     from pipelines.data import load_raw
 
     data = load_raw(args.raw, load_params().ingest.file_names)
     pick = np.random.default_rng(0).permutation(len(data.x_train))[: args.images or None]
-    results: dict[str, list[dict]] = {name: [] for name in MODES}
+    results: dict[str, list[dict]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as tmp:
         data_path = str(Path(tmp) / "slice.npz")
         np.savez(
@@ -137,7 +158,7 @@ def main() -> None:
             y_test=data.y_test,
         )
         for repeat in range(args.repeats):
-            for name, (command, onednn) in MODES.items():
+            for name, (command, onednn) in modes.items():
                 r = run_mode(command, onednn, data_path, args.epochs)
                 results[name].append(r)
                 print(
@@ -151,24 +172,23 @@ def main() -> None:
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    seed = "seed recipe (baseline)"
     print(
         f"\n{len(pick)} images ({data.data_source}), {args.epochs} epochs, "
         f"median of {args.repeats} repeats; ratio = throughput / seed recipe's.\n"
         "wait = seconds per run spent before each epoch's first batch (input pipeline); "
-        "the last two columns leave it out"
+        "the two columns after it leave it out; computes in = the Keras dtype policy of training"
     )
     print(
         f"{'mode':24} {'train img/epoch':>15} {'img/s':>7} {'ratio':>6} {'wait s':>7}"
-        f" {'img/s':>7} {'ratio':>6} {'test acc':>9}"
+        f" {'img/s':>7} {'ratio':>6} {'test acc':>9} {'computes in':>15}"
     )
     for name, runs in results.items():
         ips, bare = median(name, "images_per_second"), median(name, "images_per_second_no_wait")
         print(
             f"{name:24} {runs[0]['train_images']:15d} {ips:7.0f}"
-            f" {ips / median(seed, 'images_per_second'):5.2f}x {median(name, 'wait_seconds'):7.1f}"
-            f" {bare:7.0f} {bare / median(seed, 'images_per_second_no_wait'):5.2f}x"
-            f" {median(name, 'test_accuracy'):9.4f}"
+            f" {ips / median(SEED, 'images_per_second'):5.2f}x {median(name, 'wait_seconds'):7.1f}"
+            f" {bare:7.0f} {bare / median(SEED, 'images_per_second_no_wait'):5.2f}x"
+            f" {median(name, 'test_accuracy'):9.4f} {runs[0].get('compute_dtype', 'float32'):>15}"
         )
 
 

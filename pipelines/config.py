@@ -100,6 +100,8 @@ class TrainParams(Section):
     )
     bn_calibration_images: int = Field(ge=0)  # 0 = keep BatchNorm's training-time statistics
     ema_momentum: float = Field(default=0.0, ge=0, lt=1)  # weight averaging; 0 = off
+    # what the training step computes in (pipelines.model.compute_dtype); saved models are float32
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     model: ModelParams
 
 

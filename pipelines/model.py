@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -10,6 +13,39 @@ from pipelines.config import ModelParams
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
+# CPU features that give oneDNN native bfloat16 arithmetic (/proc/cpuinfo's names)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True if the CPU computes bfloat16 natively (AVX512-BF16 or AMX), as oneDNN needs it to."""
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("flags")),
+            [],
+        )  # fmt: skip
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def compute_dtype(precision: str) -> str:
+    """``train.precision`` -> the Keras dtype policy that training computes in.
+
+    ``float32``: everything in float32. ``bfloat16``: Keras' ``mixed_bfloat16`` (convolutions,
+    matrix products and BatchNorm in bfloat16; weights, optimiser, loss and the softmax in
+    float32). ``auto``: ``mixed_bfloat16`` on a CPU with native bfloat16 (measured 1.3-1.5x per
+    training step here), ``float32`` otherwise, GPUs included (no GPU figures yet).
+    """
+    if precision == "float32":
+        return "float32"
+    if precision == "bfloat16":
+        return "mixed_bfloat16"
+    if tf.config.list_physical_devices("GPU") or not native_bf16_cpu():
+        return "float32"
+    return "mixed_bfloat16"
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -51,12 +87,16 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return outputs
 
 
-def build_model(params: ModelParams, fused_batchnorm: bool = False) -> keras.Model:
+def build_model(
+    params: ModelParams, fused_batchnorm: bool = False, dtype: str = "float32"
+) -> keras.Model:
     """Conv-BN-Pool x2 (then Conv-BN with ``conv3_filters``), Dense, Dropout, softmax. Uncompiled.
 
     The baseline (``conv3_filters: 0``, ``padding: valid``) is the seed article's network:
     28 -> conv 26 -> pool 13 -> conv 11 -> pool 5. ``fused_batchnorm=True`` builds the training
-    variant (same weights, faster BatchNorm step).
+    variant (same weights, faster BatchNorm step). ``dtype`` is the Keras dtype policy of every
+    layer but the softmax, which stays float32 (``compute_dtype``); the weights are float32 in
+    every policy, so a ``mixed_bfloat16`` model's weights load into a float32 one unchanged.
     """
     batchnorm = FusedBatchNormalization if fused_batchnorm else keras.layers.BatchNormalization
     filters = [params.conv1_filters, params.conv2_filters, params.conv3_filters]
@@ -69,16 +109,18 @@ def build_model(params: ModelParams, fused_batchnorm: bool = False) -> keras.Mod
                 padding=params.padding,
                 activation="relu",
                 name=f"conv{block}",
+                dtype=dtype,
             ),
-            batchnorm(name=f"bn{block}"),
+            batchnorm(name=f"bn{block}", dtype=dtype),
         ]
         if block < 3:  # the third block keeps its 3x3 (valid) or 7x7 (same) map: no pooling to 1x1
-            layers.append(keras.layers.MaxPooling2D(name=f"pool{block}"))
+            layers.append(keras.layers.MaxPooling2D(name=f"pool{block}", dtype=dtype))
     layers += [
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(params.dense_units, activation="relu", name="dense"),
-        keras.layers.Dropout(params.dropout, name="dropout"),
-        keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probs"),  # (N, 10)
+        keras.layers.Flatten(name="flatten", dtype=dtype),
+        keras.layers.Dense(params.dense_units, activation="relu", name="dense", dtype=dtype),
+        keras.layers.Dropout(params.dropout, name="dropout", dtype=dtype),
+        # float32 probabilities (and so a float32 loss) in every policy
+        keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probs", dtype="float32"),
     ]
     return keras.Sequential(layers, name="mnist_cnn")
 

@@ -30,7 +30,7 @@ from pipelines.config import (
     load_params,
 )
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
-from pipelines.model import INPUT_SHAPE, build_model, serving_copy, to_model_input
+from pipelines.model import INPUT_SHAPE, build_model, compute_dtype, serving_copy, to_model_input
 
 log = logging.getLogger("pipelines.train")
 
@@ -108,9 +108,11 @@ class BatchNormCalibrator:
     while evaluation and serving see clean ones ("precise BN", Wu & Johnson 2021). Measured on
     the full run: test accuracy 99.19% -> 99.39% from this step alone, same weights.
 
-    The layers up to each BatchNorm run as one compiled function (built once, reused every epoch);
-    per-batch moments are pooled in float64. Layers are calibrated in order, each on the output of the
-    already-calibrated ones before it.
+    The statistics are those of the model as served, in float32: a model that trains in
+    ``mixed_bfloat16`` is measured through a float32 twin that gets its current weights. The
+    layers up to each BatchNorm run as one compiled function (built once, reused every epoch);
+    per-batch moments are pooled in float64. Layers are calibrated in order, each on the output of
+    the already-calibrated ones before it.
 
     Args:
         model: the Sequential CNN from ``build_model`` (no augmentation layers).
@@ -119,13 +121,23 @@ class BatchNormCalibrator:
 
     def __init__(self, model: keras.Sequential, images: np.ndarray, batch_size: int = 1000):
         self.model = model
+        self.twin = model
+        if any(layer.compute_dtype != "float32" for layer in model.layers):
+            self.twin = keras.models.clone_model(
+                model,
+                clone_function=lambda layer: layer.__class__.from_config(
+                    {**layer.get_config(), "dtype": "float32"}
+                ),
+            )
         self.batches = [
             tf.constant(to_model_input(images[start : start + batch_size]))
             for start in range(0, len(images), batch_size)
         ]
         self.steps = [
-            (layer, self._moments_through(model.layers[:index]))
-            for index, layer in enumerate(model.layers)
+            (layer, twin_layer, self._moments_through(self.twin.layers[:index]))
+            for index, (layer, twin_layer) in enumerate(
+                zip(model.layers, self.twin.layers, strict=True)
+            )
             if isinstance(layer, keras.layers.BatchNormalization)
         ]
 
@@ -141,7 +153,9 @@ class BatchNormCalibrator:
         return moments
 
     def __call__(self) -> None:
-        for layer, moments in self.steps:
+        if self.twin is not self.model:
+            self.twin.set_weights(self.model.get_weights())
+        for layer, twin_layer, moments in self.steps:
             # Per-batch float32 moments, pooled exactly in float64: E[x] and E[x^2] over all batches.
             parts = [moments(batch) for batch in self.batches]
             counts = np.array([float(n) for _, _, n in parts])[:, None]  # (batches, 1)
@@ -149,8 +163,9 @@ class BatchNormCalibrator:
             squares = np.stack([v.numpy() for _, v, _ in parts]).astype(np.float64) + means**2
             mean = (counts * means).sum(axis=0) / counts.sum()
             variance = np.maximum((counts * squares).sum(axis=0) / counts.sum() - mean**2, 0.0)
-            layer.moving_mean.assign(mean.astype(np.float32))
-            layer.moving_variance.assign(variance.astype(np.float32))
+            for target in {id(layer): layer, id(twin_layer): twin_layer}.values():
+                target.moving_mean.assign(mean.astype(np.float32))
+                target.moving_variance.assign(variance.astype(np.float32))
 
 
 def recalibrate_batchnorm(
@@ -292,7 +307,8 @@ def train_model(
     train_ds = make_dataset(x_fit, y_fit, params.batch_size, shuffle_seed=params.seed)
     val_ds = make_dataset(x_val, y_val, params.batch_size)
 
-    model = build_model(params.model, fused_batchnorm=True)
+    dtype = compute_dtype(params.precision)
+    model = build_model(params.model, fused_batchnorm=True, dtype=dtype)
     # Augmentation runs as the first layers of the graph being fitted (active only in training, on
     # whatever device trains), and shares its weights with `model`, which alone is saved: the
     # exported model never carries augmentation layers.
@@ -311,11 +327,13 @@ def train_model(
         params, model, x_fit, on_epoch, backup_dir, callbacks
     )
     log.info(
-        "training on %d images, validating on %d, batch %d, up to %d epochs, augmentation %s, %s",
+        "training on %d images, validating on %d, batch %d, up to %d epochs, computing in %s, "
+        "augmentation %s, %s",
         len(x_fit),
         len(x_val),
         params.batch_size,
         params.epochs,
+        dtype,
         "on" if policy.enabled else "off",
         describe_adversarial(adversarial),
     )
@@ -356,6 +374,7 @@ def checkpoint_key(
     blob = json.dumps(
         {
             "train": params.model_dump(),
+            "compute_dtype": compute_dtype(params.precision),  # what "auto" means on this machine
             "augment": policy.model_dump(),
             "data": source_record.get("files"),
             **(adversarial.identity() if adversarial is not None else {}),
@@ -429,6 +448,7 @@ def main() -> None:
     ) as run_id:
         backup_dir.mkdir(parents=True, exist_ok=True)
         resume_file.write_text(run_id)
+        mlflow.set_tag("compute_dtype", compute_dtype(params.train.precision))
         for artifact in (args.preview, args.validation_report):
             if Path(artifact).exists():
                 mlflow.log_artifact(artifact, artifact_path="data")

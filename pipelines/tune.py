@@ -35,6 +35,8 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def study_key(params: Params, source_record: dict) -> str:
     """A short hash of what defines the study: tune and train settings, augmentation, data."""
+    from pipelines.model import compute_dtype
+
     blob = json.dumps(
         {
             "tune": params.tune.model_dump(
@@ -51,6 +53,7 @@ def study_key(params: Params, source_record: dict) -> str:
                     "ema_momentum",
                 }
             ),
+            "compute_dtype": compute_dtype(params.train.precision),  # "auto" on this machine
             "augment": params.augment.model_dump(),
             "data": source_record.get("files"),
             **params.adversarial.identity(),

@@ -30,21 +30,29 @@ def test_speed_benchmark_prints_throughput_and_ratio_per_mode(raw_dir: Path) -> 
         "--raw", str(raw_dir),
     )  # fmt: skip
     # then it prints one result row per mode: images per epoch, img/s, ratio to the seed, the wait
-    # before first batches, img/s and ratio without it, accuracy
+    # before first batches, img/s and ratio without it, accuracy, and the dtype policy it trained in
     rows = {
         m.group(1).strip(): m.groups()[1:]
         for m in re.finditer(
-            r"^(seed recipe \(baseline\)|project, oneDNN off|project)\s+(\d+)\s+(\d+)\s+"
-            r"([\d.]+)x\s+([\d.]+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)$",
+            r"^(seed recipe \(baseline\)|project, f32, oneDNN off|project, float32|project)\s+"
+            r"(\d+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)\s+(\w+)$",
             out,
             flags=re.MULTILINE,
         )
     }
-    assert set(rows) == {"seed recipe (baseline)", "project, oneDNN off", "project"}, out
-    for images, speed, _, wait, bare_speed, _, _ in rows.values():
+    assert set(rows) == {
+        "seed recipe (baseline)", "project, f32, oneDNN off", "project, float32", "project"
+    }, out  # fmt: skip
+    for images, speed, _, wait, bare_speed, _, _, _ in rows.values():
         assert int(images) > 0 and 0 < int(speed) <= int(bare_speed) and float(wait) >= 0
     # the baseline's ratios to itself
     assert rows["seed recipe (baseline)"][2] == rows["seed recipe (baseline)"][5] == "1.00"
+    # the float32 modes compute in float32; "project" in what params.yaml's precision means here
+    from pipelines.config import load_params
+    from pipelines.model import compute_dtype
+
+    assert rows["project, float32"][-1] == rows["project, f32, oneDNN off"][-1] == "float32"
+    assert rows["project"][-1] == compute_dtype(load_params().train.precision)
 
 
 def test_time_to_accuracy_benchmark_prints_each_epoch_and_the_target(raw_dir: Path) -> None:

@@ -144,3 +144,42 @@ def test_serving_copy_has_stock_layers_and_the_same_predictions(
     assert not any(isinstance(layer, FusedBatchNormalization) for layer in copy.layers)
     x = to_model_input(tiny_dataset.x_test[:8])
     np.testing.assert_array_equal(copy.predict(x, verbose=0), fused.predict(x, verbose=0))
+
+
+def test_compute_dtype_follows_train_precision(tmp_path) -> None:
+    from pipelines.model import compute_dtype, native_bf16_cpu
+
+    # explicit settings are taken as they are
+    assert compute_dtype("float32") == "float32"
+    assert compute_dtype("bfloat16") == "mixed_bfloat16"
+    # auto reads the CPU's flags: AVX512-BF16 or AMX means native bfloat16
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    assert native_bf16_cpu(with_bf16) and not native_bf16_cpu(without)
+    assert not native_bf16_cpu(tmp_path / "missing")
+    assert compute_dtype("auto") == ("mixed_bfloat16" if native_bf16_cpu() else "float32")
+
+
+def test_bfloat16_model_keeps_float32_weights_and_probabilities(
+    params: Params, tiny_dataset: Dataset
+) -> None:
+    from pipelines.model import serving_copy
+
+    # given the training variant built in mixed bfloat16
+    mixed = build_model(params.train.model, fused_batchnorm=True, dtype="mixed_bfloat16")
+    # then every layer but the softmax computes in bfloat16, and every weight is float32
+    computes = {layer.name: layer.compute_dtype for layer in mixed.layers}
+    assert computes.pop("probs") == "float32"
+    assert set(computes.values()) == {"bfloat16"}
+    assert {w.dtype for w in mixed.weights} == {"float32"}
+    x = to_model_input(tiny_dataset.x_test[:8])
+    probs = mixed.predict(x, verbose=0)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # and its serving copy is all float32 with the same weights, predicting within bfloat16's rounding
+    copy = serving_copy(mixed, params.train.model)
+    assert {layer.compute_dtype for layer in copy.layers} == {"float32"}
+    for ours, theirs in zip(copy.get_weights(), mixed.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_allclose(copy.predict(x, verbose=0), probs, atol=0.02)

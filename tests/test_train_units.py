@@ -152,3 +152,28 @@ def test_recalibrate_batchnorm_sets_exact_statistics_of_clean_images():
     )
     # and bn2's statistics moved away from the defaults too
     assert not np.allclose(keras.ops.convert_to_numpy(model.get_layer("bn2").moving_mean), 0.0)
+
+
+def test_batchnorm_calibration_of_a_bfloat16_model_is_that_of_its_float32_copy():
+    import keras
+
+    from pipelines.config import ModelParams
+    from pipelines.model import build_model, serving_copy
+    from pipelines.train import recalibrate_batchnorm
+
+    # given a model training in mixed bfloat16, and its float32 copy with the same weights
+    shape = ModelParams(conv1_filters=4, conv2_filters=4, kernel_size=3, dense_units=8, dropout=0.0)
+    keras.utils.set_random_seed(2)
+    mixed = build_model(shape, fused_batchnorm=True, dtype="mixed_bfloat16")
+    plain = serving_copy(mixed, shape)
+    images = np.random.default_rng(1).integers(0, 256, size=(300, 28, 28)).astype(np.uint8)
+    # when both are recalibrated on the same clean images
+    recalibrate_batchnorm(mixed, images, batch_size=128)
+    recalibrate_batchnorm(plain, images, batch_size=128)
+    # then the mixed model gets exactly the float32 model's statistics (the model as served),
+    # not statistics of its bfloat16 activations (those differ by bfloat16's rounding, ~0.4%)
+    for name in ("bn1", "bn2"):
+        for stat in ("moving_mean", "moving_variance"):
+            ours = keras.ops.convert_to_numpy(getattr(mixed.get_layer(name), stat))
+            theirs = keras.ops.convert_to_numpy(getattr(plain.get_layer(name), stat))
+            np.testing.assert_array_equal(ours, theirs)
