@@ -35,17 +35,91 @@ def representative_images(images: np.ndarray, n: int) -> np.ndarray:
     return images[index]
 
 
+def fold_batchnorm(model):
+    """The same function as ``model`` (inference), with each BatchNormalization folded into the
+    next Conv2D or Dense: for export.
+
+    In this network BatchNorm follows the ReLU, so it cannot fold into its own convolution; it is a
+    per-channel ``a * x + c`` that the next layer's weights absorb instead (kernel scaled by ``a``
+    on its input channels, ``c`` pushed through the kernel into the bias). Left alone, full-integer
+    quantisation stores each BatchNorm's output as one int8 tensor per layer, offsets included:
+    run M's 48/128/256 model lost 1.39 points of test accuracy that way, and none folded.
+
+    A BatchNorm is folded only where that is exact: through MaxPooling2D only if every ``a`` is
+    positive (max commutes with a positive scale), through Flatten and Dropout (inference: the
+    identity), into a Conv2D with ``valid`` padding (``same`` pads the *normalised* input with zeros)
+    or a Dense, with a bias. Anywhere else it stays where it was.
+    """
+    import keras
+
+    layers = list(model.layers)
+    weights = {layer.name: layer.get_weights() for layer in layers}
+    kept: list[keras.layers.Layer] = []
+    pending = None  # (batchnorm layer, a, c, its index in `kept`)
+
+    def put_back() -> None:
+        if pending is not None:
+            kept.insert(pending[3], pending[0])
+
+    for layer in layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            put_back()
+            gamma, beta, mean, variance = layer.get_weights()
+            scale = gamma / np.sqrt(variance + layer.epsilon)
+            pending = (layer, scale, beta - scale * mean, len(kept))
+            continue
+        if pending is not None:
+            _, scale, shift, _ = pending
+            passes = isinstance(layer, (keras.layers.Flatten, keras.layers.Dropout)) or (
+                isinstance(layer, keras.layers.MaxPooling2D) and bool((scale > 0).all())
+            )
+            foldable = getattr(layer, "use_bias", False) and (
+                isinstance(layer, keras.layers.Dense)
+                or (isinstance(layer, keras.layers.Conv2D) and layer.padding == "valid")
+            )
+            if foldable:
+                kernel, bias = weights[layer.name]
+                if kernel.ndim == 4:  # Conv2D (kh, kw, in, out)
+                    weights[layer.name] = [
+                        kernel * scale[None, None, :, None],
+                        bias + np.einsum("hwio,i->o", kernel, shift),
+                    ]
+                else:  # Dense, after a Flatten of (h, w, channels): channels vary fastest
+                    repeats = kernel.shape[0] // scale.shape[0]
+                    weights[layer.name] = [
+                        kernel * np.tile(scale, repeats)[:, None],
+                        bias + np.tile(shift, repeats) @ kernel,
+                    ]
+                pending = None
+            elif not passes:
+                put_back()
+                pending = None
+        kept.append(layer)
+    put_back()
+    folded = keras.Sequential(
+        [keras.Input(shape=model.input_shape[1:])]
+        + [layer.__class__.from_config(layer.get_config()) for layer in kept],
+        name=model.name,
+    )
+    for layer in folded.layers:
+        layer.set_weights(weights[layer.name])
+    return folded
+
+
 def convert(model, representative: np.ndarray) -> dict[str, bytes]:
     """The three exports of a Keras model, as file name -> bytes.
 
     ONNX through Keras' own exporter (tf2onnx); TFLite through ``tf.lite.TFLiteConverter``, int8
     with full-integer quantisation (uint8 input and output) calibrated on ``representative``.
+    All three export the same function with BatchNorm folded into the next layer
+    (``fold_batchnorm``): fewer ops, and an int8 model that keeps its accuracy.
     """
     import tensorflow as tf
 
     from pipelines.model import to_model_input
 
     samples = to_model_input(representative)
+    model = fold_batchnorm(model)
     model(samples[:1], training=False)  # Keras' exporters need a model that has been called
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.export import check, representative_images, run_export
+from pipelines.config import Params
+from pipelines.data import Dataset
+from pipelines.export import check, fold_batchnorm, representative_images, run_export
+from pipelines.model import build_model, to_model_input
 from pipelines.runtime import FORMATS, load_predictor
 from tests.serving_support import SMALL_EXPORT, tiny_trained_model
 
@@ -88,3 +91,63 @@ def test_representative_images_are_spread_and_deterministic():
     picked = representative_images(images, 5)
     assert [int(p[0, 0]) for p in picked] == [0, 24, 49, 74, 99]
     assert len(representative_images(images, 500)) == 100
+
+
+def _with_random_batchnorm(model, rng: np.random.Generator, negative: str | None = None):
+    """Give every BatchNorm non-trivial statistics (and ``negative`` a scale below zero)."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            gamma = rng.uniform(0.5, 3.0, channels)
+            if layer.name == negative:
+                gamma[0] = -gamma[0]
+            layer.set_weights(
+                [gamma, rng.normal(0, 0.5, channels), rng.normal(0, 0.3, channels),
+                 rng.uniform(0.01, 0.2, channels)]
+            )  # fmt: skip
+    return model
+
+
+def test_fold_batchnorm_removes_batchnorm_and_keeps_the_function(
+    params: Params, tiny_dataset: Dataset
+) -> None:
+    import keras
+
+    rng = np.random.default_rng(3)
+    x = to_model_input(tiny_dataset.x_test[:16])
+    # given the default network with trained-looking BatchNorm statistics
+    model = _with_random_batchnorm(build_model(params.train.model), rng)
+    # when folded for export
+    folded = fold_batchnorm(model)
+    # then no BatchNorm is left and the outputs are those of the original
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers] == [
+        layer.name for layer in model.layers if not layer.name.startswith("bn")
+    ]
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_fold_batchnorm_keeps_what_cannot_fold_exactly(
+    params: Params, tiny_dataset: Dataset
+) -> None:
+    rng = np.random.default_rng(4)
+    x = to_model_input(tiny_dataset.x_test[:16])
+    # a negative scale cannot pass through MaxPool (max does not commute with it): bn1 stays
+    model = _with_random_batchnorm(build_model(params.train.model), rng, negative="bn1")
+    folded = fold_batchnorm(model)
+    assert [layer.name for layer in folded.layers if layer.name.startswith("bn")] == ["bn1"]
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6
+    )
+    # "same" padding pads the normalised input with zeros: bn1 and bn2 stay, bn3 folds into Dense
+    same = params.train.model.model_copy(update={"padding": "same"})
+    model = _with_random_batchnorm(build_model(same), rng)
+    folded = fold_batchnorm(model)
+    assert [layer.name for layer in folded.layers if layer.name.startswith("bn")] == ["bn1", "bn2"]
+    np.testing.assert_allclose(
+        folded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-6
+    )
