@@ -124,7 +124,7 @@ def main() -> None:
     )
     for name, (pre, n, med, total, acc) in rows.items():
         print(
-            f"{name:24} {pre:12.1f} {n:6d} {med:15.2f} {total:9.1f} {acc:9.4f}"
+            f"{name:24} {pre:12.3f} {n:6d} {med:15.2f} {total:9.1f} {acc:9.4f}"
             f"  {med / base[2]:.2f}x, {total / base[3]:.2f}x"
         )
 

@@ -105,6 +105,7 @@ def test_augment_modes_benchmark_prints_both_modes_against_the_baseline(raw_dir:
     }
     assert set(rows) == {"on the fly (baseline)", "precomputed"}, out
     base, pre = rows["on the fly (baseline)"], rows["precomputed"]
+    # only the precomputed mode augments up front (printed in ms steps: 300 images took 0.0x s)
     assert base[0] == 0 and pre[0] > 0, out  # only the precomputed mode augments up front
     for precompute, epochs, median, total, accuracy, _, _ in (base, pre):
         assert epochs == 2 and median > 0 and total >= precompute + median and 0 <= accuracy <= 1
