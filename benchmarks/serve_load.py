@@ -179,6 +179,21 @@ async def load(
     }
 
 
+def warm_up(port: int, request: bytes, server_pid: int, workers: int, timeout_s: float = 60):
+    """Load the server for a second at a time until every worker holds connections.
+
+    A worker listens once its application has started (its model loaded); until the last one
+    does, all connections land on the first (32+0), and ``start`` returns when one answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = asyncio.run(load(port, request, 4 * workers, 1.0, 10**6, server_pid))["held"]
+        counts = [int(n) for n in held.split("+")] if held != "-" else []
+        if len(counts) >= workers and min(counts) > 0:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"after {timeout_s:.0f} s, connections per worker are still {held}")
+
+
 def connections_held(server_pid: int, port: int) -> list[int]:
     """Open connections on ``port`` per serving process: the workers (the children listening on
     the port) or, with one process, the server itself."""
@@ -228,7 +243,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per setting, at most")
-    parser.add_argument("--max-requests", type=int, default=20000, help="per setting, at most")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="per setting, at most")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5, help="batch-throughput repeats")
     parser.add_argument("--params", default="params.yaml")
@@ -252,7 +267,7 @@ def main() -> None:
         port = free_port()
         process = start(argv, port, ready)
         try:
-            asyncio.run(load(port, post(path, body), 4, 1.0, 200))  # warm up
+            warm_up(port, post(path, body), process.pid, int(workers[1]))
             results[name] = [
                 asyncio.run(
                     load(port, post(path, body), n, args.seconds, args.max_requests, process.pid)
