@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -63,6 +64,9 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
     Each image is a 28x28 (or 28x28x1) array of finite numbers, read as 0-1 if its largest value
     is at most 1 and as 0-255 otherwise. Raises InputError naming the field at fault.
     """
+    fast = _simd_batch(body, max_batch)
+    if fast is not None:
+        return fast
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -81,14 +85,44 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
         raise InputError(422, "instances", "is empty: send at least one image")
     if len(instances) > max_batch:
         raise InputError(413, "instances", f"has {len(instances)} images; the limit is {max_batch}")
-    fast = _well_formed(instances)
-    if fast is not None:
-        return fast
+    try:
+        array = np.asarray(instances, dtype=np.float32)
+    except (ValueError, TypeError):
+        array = None
+    if array is not None and array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array is not None and array.ndim == 3 and array.shape[1:] == (28, 28):
+        images = _scaled(array)
+        if images is not None:
+            return images
     # Something is wrong: find the first image at fault and say what.
     images = np.empty((len(instances), 28, 28, 1), dtype=np.float32)
     for i, instance in enumerate(instances):
         images[i, ..., 0] = read_image(instance, f"instances[{i}]")
     return images
+
+
+def _simd_batch(body: bytes, max_batch: int) -> np.ndarray | None:
+    """The common request, N 28x28 images of plain numbers, read by simdjson straight into one
+    float64 buffer with no Python object per pixel: ~10 µs for one image where orjson and numpy
+    take ~30. None for anything else (28x28x1 images included): ``parse_instances`` then reads
+    the body the general way and names what is wrong.
+
+    The shape is checked exactly: N images of 28 rows of 28 elements, and no '[' in the body
+    beyond those 1 + 29 N arrays, so no element is itself an array (``as_buffer`` flattens
+    nested arrays); ``as_buffer`` refuses strings, booleans, nulls and objects."""
+    try:  # a parser per call (~0.05 µs): a reused one refuses to parse while proxies live
+        instances = simdjson.Parser().parse(body)["instances"]
+        n = len(instances)
+        if not 0 < n <= max_batch or body.count(b"[") != 1 + 29 * n:
+            return None
+        for image in instances:
+            if len(image) != 28 or any(len(row) != 28 for row in image):
+                return None
+        flat = np.frombuffer(instances.as_buffer(of_type="d"), dtype=np.float64)
+    except (ValueError, KeyError, TypeError, IndexError):  # not JSON, not this shape, not numbers
+        return None
+    return _scaled(flat.astype(np.float32).reshape(n, 28, 28))
 
 
 def read_image(instance: Any, where: str) -> np.ndarray:
@@ -114,22 +148,19 @@ def read_image(instance: Any, where: str) -> np.ndarray:
     return (array if high <= 1 else array / 255.0).astype(np.float32)
 
 
-def _well_formed(instances: list) -> np.ndarray | None:
-    """The whole batch in one conversion, or None if any image breaks a rule (the caller then
-    checks image by image to name it)."""
-    try:
-        array = np.asarray(instances, dtype=np.float32)
-    except (ValueError, TypeError):
-        return None
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3 or array.shape[1:] != (28, 28) or not np.isfinite(array).all():
-        return None
+def _scaled(array: np.ndarray) -> np.ndarray | None:
+    """(N, 28, 28) float32, a new array -> (N, 28, 28, 1) in [0, 1], each image scaled by 1/255 if
+    its largest value is above 1; None if any value is outside [0, 255], NaN or infinite."""
     flat = array.reshape(len(array), -1)
-    if flat.min() < 0 or flat.max() > 255:
+    high = flat.max(axis=1)
+    top = high.max()
+    # min and max carry NaN through, and every comparison with NaN is False: NaN and infinity
+    # fail this range check too. Few numpy calls: each costs ~1 µs on one image.
+    if not (flat.min() >= 0 and top <= 255):
         return None
-    scale = np.where(flat.max(axis=1) > 1, np.float32(1 / 255), np.float32(1))
-    return (array * scale[:, None, None])[..., None]
+    if top > 1:
+        array *= np.where(high > 1, np.float32(1 / 255), np.float32(1))[:, None, None]
+    return array[..., None]
 
 
 def json_response(payload: dict) -> Response:
@@ -155,10 +186,12 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         upload = scope["path"] == IMAGE_PATH
         limit, field = (self.max_upload, "file") if upload else (self.max_body, "body")
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, field, int(declared), limit)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                return await self._refuse(send, field, int(declared), limit)
+            # The HTTP parser delivers exactly the declared length, no more: nothing to count.
+            return await self.app(scope, receive, send)
         seen = 0
         started = False
 

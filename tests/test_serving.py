@@ -120,6 +120,10 @@ def test_tf_serving_api_row_format(served, registry):
 GOOD = np.zeros((28, 28)).tolist()
 
 
+# 28 rows of 28 elements and 784 numbers in all, but row 0 holds arrays: flattening hides it
+HIDDEN_NESTING = [[[], [1, 2]] + [0] * 26] + [[0] * 28] * 27
+
+
 def with_first_pixel(token: str) -> str:
     """A one-image JSON body whose first pixel is ``token`` (NaN, Infinity: Python's json accepts
     them, so the server must check)."""
@@ -133,6 +137,7 @@ def with_first_pixel(token: str) -> str:
         ({"instances": [GOOD, np.zeros((28, 28, 3)).tolist()]}, 422, "instances[1]", "shape"),
         ({"instances": [[[1, 2], [3]]]}, 422, "instances[0]", "not an array of numbers"),
         ({"instances": [[["a"] * 28] * 28]}, 422, "instances[0]", "not an array of numbers"),
+        ({"instances": [HIDDEN_NESTING]}, 422, "instances[0]", "not an array of numbers"),
         (with_first_pixel("NaN"), 422, "instances[0]", "NaN or infinity"),
         (with_first_pixel("Infinity"), 422, "instances[0]", "NaN or infinity"),
         ({"instances": [GOOD, np.full((28, 28), 300).tolist()]}, 422, "instances[1]", "300"),
@@ -148,6 +153,7 @@ def with_first_pixel(token: str) -> str:
         "channels",
         "ragged",
         "strings",
+        "nested",
         "nan",
         "inf",
         "over-255",
@@ -283,6 +289,35 @@ def test_parse_instances_reads_each_scale_per_image():
     images = parse_instances(json.dumps(body([np.full((28, 28), 255), np.full((28, 28), 0.5)])), 4)
     assert images.shape == (2, 28, 28, 1) and images.dtype == np.float32
     assert images[0].max() == 1.0 and images[1].max() == 0.5
+
+
+def test_fast_json_path_reads_exactly_what_the_general_path_reads():
+    from serving.app import _simd_batch
+
+    rng = np.random.default_rng(0)
+    batches = {
+        "0-255 integers": rng.integers(0, 256, size=(3, 28, 28)).tolist(),
+        "0-1 floats": rng.random((2, 28, 28)).tolist(),
+        "mixed scales": [np.full((28, 28), 255).tolist(), np.full((28, 28), 0.25).tolist()],
+    }
+    for what, instances in batches.items():
+        raw = json.dumps({"instances": instances}).encode()
+        fast = _simd_batch(raw, 4)
+        assert fast is not None, what  # the common request takes the fast path ...
+        general = parse_instances(
+            json.dumps({"instances": [np.asarray(i)[..., None].tolist() for i in instances]}), 4
+        )  # ... 28x28x1 images take the general one
+        assert fast.dtype == np.float32 and np.array_equal(fast, general), what
+    # anything else is left to the general path, which names what is wrong
+    for instances in (
+        [HIDDEN_NESTING],
+        [np.zeros((27, 28)).tolist()],
+        [[["1"] * 28] * 28],
+        [GOOD] * 5,  # over the batch limit
+    ):
+        assert _simd_batch(json.dumps({"instances": instances}).encode(), 4) is None
+    assert _simd_batch(with_first_pixel("NaN").encode(), 4) is None
+    assert _simd_batch(b'{"instances": "[[[["}', 4) is None
 
 
 # --- the entry point, on a real uvicorn server --------------------------------------------------
