@@ -28,6 +28,7 @@ import numpy as np
 
 from pipelines.config import RegisterParams, load_params
 from pipelines.data import write_json
+from pipelines.runtime import PARITY_REPORT
 
 log = logging.getLogger("pipelines.register")
 
@@ -96,18 +97,16 @@ def check_served(
 ) -> tuple[dict[str, str], str | None]:
     """Gate step 3. Returns the version tags it measured and the failure (None: passed)."""
     from pipelines.model import predict_probabilities, to_model_input
-    from pipelines.runtime import load_registered
+    from pipelines.runtime import check_parity, load_registered
 
     tags = {"served_format": served_format, "parity_passed": str(parity["passed"]).lower()}
     for name, row in parity["formats"].items():
         for key in ("accuracy", "agreement", "latency_1_ms"):
             tags[f"export.{name}.{key}"] = f"{row[key]:.6g}"
-    row = parity["formats"][served_format]
-    if not row["passed"]:
-        return (
-            tags,
-            f"served export {served_format} failed its parity bars: {'; '.join(row['failures'])}",
-        )
+    try:
+        check_parity(parity, served_format, f"v{version}")
+    except ValueError as exc:
+        return tags, f"served export: {exc}"
     n = min(params.serve_check_images, len(x_test))
     images, labels = x_test[:n], y_test[:n].astype(np.int64)
     expected = float((predict_probabilities(model, images, batch_size).argmax(1) == labels).mean())
@@ -199,9 +198,9 @@ def register_model(
     signature = infer_signature(example, model.predict(example, verbose=0))
     parity = None
     if export_dir is not None:
-        parity = json.loads((Path(export_dir) / "parity.json").read_text())
+        parity = json.loads((Path(export_dir) / PARITY_REPORT).read_text())
         if served_format not in parity["formats"]:
-            raise FileNotFoundError(f"{export_dir}/parity.json: no entry for {served_format}")
+            raise FileNotFoundError(f"{export_dir}/{PARITY_REPORT}: no entry for {served_format}")
     with mlflow.start_run(run_id=run_id):
         info = mlflow.keras.log_model(model, name="model", signature=signature)
         if (

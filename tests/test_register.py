@@ -192,6 +192,47 @@ def test_served_export_that_failed_parity_is_not_promoted(store, digits, exporte
     assert tags["decision"] == "none" and "parity" in tags["reason"]
 
 
+def with_failed_parity(export_dir, tmp_path, name: str, failure: str):
+    """A copy of ``export_dir`` whose parity report says ``name`` failed its bars."""
+    import json
+    import shutil
+
+    copy = tmp_path / f"export-{name}"
+    shutil.copytree(export_dir, copy)
+    parity = json.loads((copy / "parity.json").read_text())
+    parity["formats"][name].update(passed=False, failures=[failure])
+    parity["passed"] = False
+    (copy / "parity.json").write_text(json.dumps(parity))
+    return copy
+
+
+def test_export_that_failed_parity_is_never_served(store, digits, exported, tmp_path):
+    from pipelines.runtime import load_registered
+    from serving.champion import Champion
+
+    images, labels = digits
+    model, export_dir = exported
+    # Given a champion served as ONNX whose int8 file failed its bar at export (not fatal then)
+    failed = with_failed_parity(export_dir, tmp_path, "model_int8.tflite", "int8 lost 1.390 points")
+    first = register_with(model, images, labels, failed, served="model.onnx")
+    assert first["alias"] == "champion", first["reason"]
+    version = str(first["version"])
+    # Then the server's loader serves its ONNX file but refuses the int8 one, saying why
+    assert load_registered("mnist-classifier", version, "model.onnx", tmp_path / "a") is not None
+    with pytest.raises(ValueError, match="failed its parity bars at export: int8 lost 1.390"):
+        load_registered("mnist-classifier", version, "model_int8.tflite", tmp_path / "b")
+    # and a server set to int8 stays unready with the reason instead of serving it
+    champion = Champion("mnist-classifier", "champion", "model_int8.tflite", cache_dir=tmp_path)
+    assert champion.refresh() is False and champion.current is None
+    assert "parity bars" in champion.last_error and f"v{version}" in champion.last_error
+    # When serve.format becomes int8, an equally good candidate whose int8 file passed takes the
+    # alias: a champion whose served export failed is no champion
+    second = register_with(model, images, labels, export_dir, served="model_int8.tflite")
+    assert second["alias"] == "champion", second["reason"]
+    assert f"the previous champion v{version} cannot be served" in second["reason"]
+    assert "parity" in second["reason"]
+
+
 def test_served_export_that_does_not_load_is_not_promoted(store, digits, exported, tmp_path):
     import shutil
 
