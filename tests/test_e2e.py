@@ -101,7 +101,8 @@ def test_champion_loads_from_registry_and_predicts(repro):
         version.tags["decision"] == "champion" and "no current champion" in version.tags["reason"]
     )
     # The served export passed the infra check and travels with the version
-    assert version.tags["served_format"] == "model_float.tflite"  # params.yaml's serve.format
+    served = yaml.safe_load((workdir / "params.yaml").read_text())["serve"]["format"]
+    assert version.tags["served_format"] == served == "model_int8.tflite"
     assert float(version.tags["served_check_accuracy"]) > 0.5
 
 
