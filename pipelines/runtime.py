@@ -5,8 +5,9 @@ stage's parity check, the promotion gate's infra check and the REST server all u
   - ``*.onnx``: ONNX Runtime (CPU);
   - ``*.tflite``: the LiteRT interpreter (``ai-edge-litert``), float or full-integer int8.
 
-Every predictor takes (N, 28, 28, 1) float32 images in [0, 1] and returns (N, 10) float32
-probabilities. Predictors are safe to call from several threads at once.
+Every predictor takes (N, 28, 28, 1) images, float32 in [0, 1] or uint8 pixels 0-255 (read as
+pixel / 255), and returns (N, 10) float32 probabilities. Predictors are safe to call from several
+threads at once.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class OnnxPredictor:
 
 class TFLitePredictor:
     """LiteRT interpreter. It is not thread-safe and its tensors have one shape at a time, so
-    calls are serialised; quantised (uint8) inputs and outputs are converted here."""
+    calls are serialised; quantised (uint8) inputs and outputs are converted here.
+
+    The int8 export's input is uint8 with scale 1/255 and zero point 0: a pixel 0-255 is its own
+    quantised value, so uint8 images go to the interpreter as they are (quantising pixel / 255
+    gives back the same pixel, for each of the 256 values)."""
 
     def __init__(self, path: Path, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -68,6 +73,10 @@ class TFLitePredictor:
             info = np.iinfo(self.input["dtype"])
             self.in_scale, self.in_zero = np.float32(1 / scale), np.float32(zero)
             self.in_range = np.float32(info.min), np.float32(info.max)
+        self.pixels_in = self.input["dtype"] == np.uint8 and self.input["quantization"] == (
+            np.float32(1 / 255),
+            0,
+        )
         self.out_table = None
         if self.output["dtype"] in (np.uint8, np.int8):  # (q - zero) * scale for each of 256 codes
             scale, zero = self.output["quantization"]
@@ -77,8 +86,10 @@ class TFLitePredictor:
             raise ValueError(f"{path}: unsupported output type {self.output['dtype'].__name__}")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        images = _checked(images)
-        if self.quantised_in:  # in place on a new array: few numpy calls, ~1 µs each on one image
+        images = _checked(images, keep_pixels=self.pixels_in)
+        if (
+            self.quantised_in and images.dtype != np.uint8
+        ):  # in place on a new array: few numpy calls, ~1 µs each on one image
             scaled = images * self.in_scale
             if self.in_zero:
                 scaled += self.in_zero
@@ -97,11 +108,14 @@ class TFLitePredictor:
         return out
 
 
-def _checked(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images, dtype=np.float32)
+def _checked(images: np.ndarray, keep_pixels: bool = False) -> np.ndarray:
+    """(N, 28, 28, 1) float32 in [0, 1]; uint8 pixels are divided by 255 unless ``keep_pixels``."""
+    images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or not len(images):
         raise ValueError(f"expected images of shape (N>0, 28, 28, 1), got {images.shape}")
-    return images
+    if images.dtype == np.uint8:
+        return images if keep_pixels else images.astype(np.float32) / np.float32(255)
+    return images.astype(np.float32, copy=False)
 
 
 def load_predictor(path: Path, threads: int = 1) -> Predictor:

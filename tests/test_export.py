@@ -24,6 +24,9 @@ def exported(tmp_path_factory):
 
     x_train, y_train, x_test, y_test = make_arrays(n_train=300, n_test=200)
     model = tiny_trained_model(x_train, y_train)
+    # MNIST digits reach 255, so the int8 input's calibrated scale is 1/255 and a pixel is its own
+    # quantised value; these strokes stop short of it (180-255) unless one pixel is set
+    x_train[:, 0, 0] = 255
     out = tmp_path_factory.mktemp("export")
     report = run_export(model, x_train, x_test, y_test, SMALL, out)
     return model, out, report, x_test
@@ -63,6 +66,11 @@ def test_runtime_predicts_like_keras_for_one_image_and_a_batch(exported):
             assert np.allclose(probs.sum(axis=1), 1.0, atol=0.02)
         tolerance = 0.02 if "int8" in name else 1e-4
         assert np.abs(predictor.predict(x) - expected).max() < tolerance, name
+        # uint8 pixels 0-255 (what the server reads from most requests) predict exactly as the
+        # same images in [0, 1]; the int8 model takes them as its input as they are
+        pixels = np.asarray(x_test[:7], dtype=np.uint8)[..., None]
+        assert np.array_equal(predictor.predict(pixels), predictor.predict(x)), name
+    assert load_predictor(out / "model_int8.tflite").pixels_in
 
 
 def test_runtime_refuses_bad_inputs_and_files(exported, tmp_path):

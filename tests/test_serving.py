@@ -292,11 +292,16 @@ def test_parse_instances_reads_each_scale_per_image():
 
 
 def test_fast_json_path_reads_exactly_what_the_general_path_reads():
+    from pipelines.model import to_model_input
+    from pipelines.runtime import _checked
     from serving.app import _simd_batch
 
     rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 28, 28))
+    pixels[:, 0, 0] = 255  # each image read as 0-255
     batches = {
-        "0-255 integers": rng.integers(0, 256, size=(3, 28, 28)).tolist(),
+        "0-255 integers": pixels.tolist(),
+        "0-255 floats": (pixels + 0.5 * (pixels < 255)).tolist(),
         "0-1 floats": rng.random((2, 28, 28)).tolist(),
         "mixed scales": [np.full((28, 28), 255).tolist(), np.full((28, 28), 0.25).tolist()],
     }
@@ -307,7 +312,15 @@ def test_fast_json_path_reads_exactly_what_the_general_path_reads():
         general = parse_instances(
             json.dumps({"instances": [np.asarray(i)[..., None].tolist() for i in instances]}), 4
         )  # ... 28x28x1 images take the general one
-        assert fast.dtype == np.float32 and np.array_equal(fast, general), what
+        assert general.dtype == np.float32, what
+        # whole-number 0-255 images stay pixels (uint8), the int8 model's own input; the runtime
+        # reads them exactly as the general path's floats, and as training does
+        assert fast.dtype == (np.uint8 if what == "0-255 integers" else np.float32), what
+        assert np.array_equal(_checked(fast), general), what
+    assert np.array_equal(
+        _checked(_simd_batch(json.dumps({"instances": pixels.tolist()}).encode(), 4)),
+        to_model_input(pixels.astype(np.uint8)),
+    )
     # anything else is left to the general path, which names what is wrong
     for instances in (
         [HIDDEN_NESTING],
