@@ -8,10 +8,16 @@ Compared: PREDICT, ``POST /predict`` of the real server (``python -m serving.app
 
 Each is measured with 1 client and with 32 concurrent clients (keep-alive connections, each sending
 its next request when the last is answered), for at most ``--seconds`` and ``--max-requests`` per
-setting, on 127.0.0.1 only; the servers are started here and stopped at the end. Printed: p50 and
-p99 latency, requests per second, how many of the connections each server process held (a
-uvicorn worker that takes them all leaves the other core idle), and PREDICT's share of CONSTANT's
-requests per second.
+server and setting, on 127.0.0.1 only; the servers are started here and stopped at the end. Both
+servers run from the start, each setting opens its connections to both once, and its time is cut
+into ``--rounds`` paired slices, CONSTANT and PREDICT in turn (the other's connections idle), so
+that both see the same machine: this VM's speed drifts by 20-30% within a minute. Measured one
+after the other, 10 s each, three runs of one version of the server gave shares of 0.43, 0.54 and
+0.61; paired, three runs each of two versions gave 0.485-0.496 and 0.526-0.558.
+Printed: p50 and p99 latency over all slices, requests per second, how many of the connections
+each server process held (a uvicorn worker that takes them all leaves the other core idle), and
+PREDICT's share of CONSTANT's requests per second: the median of the rounds' shares, and their
+range.
 Goals at 32 clients: p99 <= 15 ms and >= 50% of CONSTANT's rate. The client runs on the same
 2 cores as the server, so both figures include its cost.
 
@@ -71,17 +77,23 @@ def start(argv: list[str], port: int, ready_path: str, timeout_s: float = 120) -
 
 
 class _Client(asyncio.Protocol):
-    """One keep-alive connection sending ``request`` again as soon as each answer is complete.
+    """One keep-alive connection. While a run drives it (``begin``), it sends the run's request
+    again as soon as each answer is complete; between runs it stays open, idle.
 
     A bare protocol, not asyncio streams: the next request is written from ``data_received``
     itself, so the client takes less of the cores it shares with the server (67-74 µs of CPU per
     request at 32 clients, against 93-119 µs with asyncio streams, measured side by side)."""
 
-    def __init__(self, run: _Run):
-        self.run, self.buffer, self.need, self.error = run, b"", -1, None
+    def __init__(self):
+        self.run: _Run | None = None
+        self.buffer, self.need, self.error = b"", -1, None
+        self.lost = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport):
         self.transport = transport
+
+    def begin(self, run: _Run) -> None:
+        self.run = run
         self.send()
 
     def send(self) -> None:
@@ -90,7 +102,7 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
+        while self.run is not None:
             if self.need < 0:  # the head is not parsed yet
                 end = self.buffer.find(b"\r\n\r\n")
                 if end < 0:
@@ -108,41 +120,84 @@ class _Client(asyncio.Protocol):
             if len(self.buffer) < self.need:
                 return
             self.buffer, self.need = self.buffer[self.need :], -1
-            if self.run.record(self.status, time.perf_counter() - self.started):
+            if self.run.record(self.status, self.started, time.perf_counter()):
                 self.send()
             else:
-                self.transport.close()
-                return
+                run, self.run = self.run, None
+                run.client_done()
 
     def connection_lost(self, exc) -> None:
-        self.run.closed(exc or self.error)
+        if self.run is not None:
+            self.run.failed(exc or self.error or ConnectionError("the server closed a connection"))
+        if not self.lost.done():
+            self.lost.set_result(None)
 
 
 class _Run:
+    """One server's share of a setting: its clients, driven for ``seconds`` or ``max_requests``."""
+
     def __init__(self, request: bytes, clients: int, seconds: float, max_requests: int):
-        self.request, self.open, self.max_requests = request, clients, max_requests
-        self.stop_at = time.perf_counter() + seconds
+        self.request, self.active, self.max_requests = request, clients, max_requests
+        self.began = time.perf_counter()
+        self.stop_at = self.last_answer = self.began + seconds
         self.latencies: list[float] = []
         self.failures = 0
         self.done = asyncio.get_running_loop().create_future()
 
-    def record(self, status: int, seconds: float) -> bool:
+    def record(self, status: int, sent: float, answered: float) -> bool:
         """Count one answer; whether to send another."""
         if status == 200:
-            self.latencies.append(seconds)
+            self.latencies.append(answered - sent)
         else:
             self.failures += 1
-        return (
-            time.perf_counter() < self.stop_at
-            and len(self.latencies) + self.failures < self.max_requests
-        )
+        self.last_answer = answered
+        return answered < self.stop_at and len(self.latencies) + self.failures < self.max_requests
 
-    def closed(self, exc) -> None:
-        self.open -= 1
-        if exc is not None and not self.done.done():
-            self.done.set_exception(exc)
-        elif self.open == 0 and not self.done.done():
+    def client_done(self) -> None:
+        self.active -= 1
+        if self.active == 0 and not self.done.done():
             self.done.set_result(None)
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def connect(port: int, clients: int) -> list[_Client]:
+    loop = asyncio.get_running_loop()
+    return [(await loop.create_connection(_Client, "127.0.0.1", port))[1] for _ in range(clients)]
+
+
+async def close(clients: list[_Client]) -> None:
+    for client in clients:
+        client.transport.close()
+    await asyncio.gather(*(client.lost for client in clients))
+
+
+async def drive(
+    clients: list[_Client],
+    request: bytes,
+    seconds: float,
+    max_requests: int,
+    port: int,
+) -> dict:
+    """Send ``request`` back to back on every connection (reopening any the server closed while
+    they idled) for ``seconds`` or ``max_requests``: latencies and rate."""
+    for i, client in enumerate(clients):
+        if client.lost.done():
+            clients[i] = (await connect(port, 1))[0]
+    run = _Run(request, len(clients), seconds, max_requests)
+    for client in clients:
+        client.begin(run)
+    await run.done
+    elapsed = max(run.last_answer - run.began, 1e-9)
+    return summary(len(clients), [np.array(run.latencies) * 1e3], run.failures, elapsed, ["-"])
+
+
+def held(clients: dict, server_pid: int, port: int) -> dict:
+    """``clients`` (a slice's figures) with how many of the open connections each server process
+    holds: call it once every connection has been answered, so that all have been accepted."""
+    return {**clients, "held": "+".join(str(n) for n in connections_held(server_pid, port))}
 
 
 async def load(
@@ -153,30 +208,70 @@ async def load(
     max_requests: int,
     server_pid: int | None = None,
 ) -> dict:
-    """``clients`` keep-alive connections sending ``request`` back to back; latencies and rate,
-    and (given ``server_pid``) how many of the connections each server process held."""
-    run = _Run(request, clients, seconds, max_requests)
-    loop = asyncio.get_running_loop()
-    began = time.perf_counter()
-    for _ in range(clients):
-        await loop.create_connection(lambda: _Client(run), "127.0.0.1", port)
-    held = "-"
-    if server_pid is not None:
-        await asyncio.wait([run.done], timeout=min(0.2, seconds / 4))
-        if not run.done.done():
-            held = "+".join(str(n) for n in connections_held(server_pid, port))
-    await run.done
-    elapsed = time.perf_counter() - began
-    ms = np.array(run.latencies) * 1e3
+    """``clients`` new keep-alive connections sending ``request`` back to back, then closed; given
+    ``server_pid``, how many of them each server process held."""
+    connections = await connect(port, clients)
+    try:
+        figures = await drive(connections, request, seconds, max_requests, port)
+        return figures if server_pid is None else held(figures, server_pid, port)
+    finally:
+        await close(connections)
+
+
+async def paired_rounds(
+    servers: dict[str, tuple[int, int, bytes]],
+    clients: int,
+    rounds: int,
+    seconds: float,
+    max_requests: int,
+) -> dict[str, list[dict]]:
+    """``clients`` connections to each server (port, pid, request), opened once and kept; then
+    ``rounds`` times each server's in turn, the first server first in even rounds and last in
+    odd ones, for ``seconds`` or ``max_requests`` each: every slice's figures, per server."""
+    connections = {name: await connect(port, clients) for name, (port, _, _) in servers.items()}
+    slices: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        for round_ in range(rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for name in order:
+                port, pid, request = servers[name]
+                figures = await drive(connections[name], request, seconds, max_requests, port)
+                if round_ == 0:  # where the connections went: they stay open for every round
+                    figures = held(figures, pid, port)
+                slices[name].append(figures)
+    finally:
+        for opened in connections.values():
+            await close(opened)
+    return slices
+
+
+def summary(
+    clients: int, latencies_ms: list[np.ndarray], failures: int, seconds: float, held: list[str]
+) -> dict:
+    """Figures from one or more slices: latencies pooled, the rate over their total time."""
+    ms = np.concatenate(latencies_ms)
     return {
         "clients": clients,
-        "requests": len(run.latencies),
-        "failures": run.failures,
+        "requests": len(ms),
+        "failures": failures,
         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-        "rps": len(run.latencies) / elapsed,
-        "held": held,
+        "rps": len(ms) / seconds,
+        "held": ",".join(dict.fromkeys(h for h in held if h != "-")) or "-",
+        "latencies_ms": ms,
+        "seconds": seconds,
     }
+
+
+def pooled(parts: list[dict]) -> dict:
+    """The slices of one server and setting, as one."""
+    return summary(
+        parts[0]["clients"],
+        [p["latencies_ms"] for p in parts],
+        sum(p["failures"] for p in parts),
+        sum(p["seconds"] for p in parts),
+        [p["held"] for p in parts],
+    )
 
 
 def warm_up(port: int, request: bytes, server_pid: int, workers: int, timeout_s: float = 60):
@@ -242,8 +337,15 @@ def main() -> None:
     from pipelines.config import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per setting, at most")
-    parser.add_argument("--max-requests", type=int, default=200_000, help="per setting, at most")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="per server and setting, at most (counted)"
+    )
+    parser.add_argument(
+        "--max-requests", type=int, default=200_000, help="per server and setting, at most"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="paired slices per setting (CONSTANT, PREDICT)"
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=5, help="batch-throughput repeats")
     parser.add_argument("--params", default="params.yaml")
@@ -262,21 +364,32 @@ def main() -> None:
         "CONSTANT": (["benchmarks.constant_app", *workers], "/ready", "/predict"),
         "PREDICT": (["serving.app", "--params", args.params, *workers], "/ready", "/predict"),
     }
-    results: dict[str, list[dict]] = {}
-    for name, (argv, ready, path) in servers.items():
-        port = free_port()
-        process = start(argv, port, ready)
-        try:
-            warm_up(port, post(path, body), process.pid, int(workers[1]))
-            results[name] = [
-                asyncio.run(
-                    load(port, post(path, body), n, args.seconds, args.max_requests, process.pid)
+    running: dict[str, subprocess.Popen] = {}
+    try:
+        targets = {}
+        for name, (argv, ready, path) in servers.items():
+            port = free_port()
+            running[name] = start(argv, port, ready)
+            targets[name] = (port, running[name].pid, post(path, body))
+            warm_up(port, targets[name][2], running[name].pid, int(workers[1]))
+        slices = {
+            n: asyncio.run(
+                paired_rounds(
+                    targets,
+                    n,
+                    args.rounds,
+                    args.seconds / args.rounds,
+                    max(1, args.max_requests // args.rounds),
                 )
-                for n in args.clients
-            ]
-        finally:
+            )
+            for n in args.clients
+        }
+    finally:
+        for process in running.values():
             process.terminate()
+        for process in running.values():
             process.wait(timeout=20)
+    results = {name: [pooled(slices[n][name]) for n in args.clients] for name in servers}
 
     print(
         f"\nPOST /predict, one 28x28 image per request, loopback; {params.serve.format}, "
@@ -292,9 +405,14 @@ def main() -> None:
                 f"{name:10} {row['clients']:7d} {row['requests']:8d} {row['failures']:5d} "
                 f"{row['p50_ms']:7.2f} {row['p99_ms']:7.2f} {row['rps']:8.0f}  {row['held']}"
             )
-    for predict_row, constant_row in zip(results["PREDICT"], results["CONSTANT"], strict=True):
-        share = predict_row["rps"] / constant_row["rps"]
-        line = f"{predict_row['clients']} client(s): PREDICT/CONSTANT req/s = {share:.3f}"
+    for n, predict_row in zip(args.clients, results["PREDICT"], strict=True):
+        pairs = zip(slices[n]["PREDICT"], slices[n]["CONSTANT"], strict=True)
+        shares = [p["rps"] / c["rps"] for p, c in pairs]
+        share = float(np.median(shares))
+        line = (
+            f"{n} client(s): PREDICT/CONSTANT req/s = {share:.3f} (median of {len(shares)} "
+            f"paired rounds: {min(shares):.3f}-{max(shares):.3f})"
+        )
         if predict_row["clients"] >= 32:
             line += (
                 f"  (goal >= {GOAL_SHARE:.2f}: {'met' if share >= GOAL_SHARE else 'NOT met'});"

@@ -110,3 +110,54 @@ def test_augment_modes_benchmark_prints_both_modes_against_the_baseline(raw_dir:
     for precompute, epochs, median, total, accuracy, _, _ in (base, pre):
         assert epochs == 2 and median > 0 and total >= precompute + median and 0 <= accuracy <= 1
     assert base[5] == base[6] == 1.0
+
+
+def test_serve_load_pairs_its_slices_on_connections_kept_open() -> None:
+    """The load test's paired rounds: each server's slice in turn (first server first in even
+    rounds, last in odd ones), on connections opened once per setting and kept, every answer
+    counted. Two tiny keep-alive HTTP servers in this process stand in for the real ones."""
+    import asyncio
+    import itertools
+
+    from benchmarks.serve_load import paired_rounds, pooled, post
+
+    async def scenario():
+        accepted = {"A": 0, "B": 0}
+        answered: list[str] = []
+
+        def handler(name):
+            async def handle(reader, writer):
+                accepted[name] += 1
+                try:
+                    while True:
+                        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                        length = int(re.search(rb"content-length: *(\d+)", head).group(1))
+                        await reader.readexactly(length)
+                        answered.append(name)
+                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    pass
+                finally:
+                    writer.close()
+
+            return handle
+
+        servers = {name: await asyncio.start_server(handler(name), "127.0.0.1", 0) for name in "AB"}
+        targets = {
+            name: (server.sockets[0].getsockname()[1], os.getpid(), post("/x", b"{}"))
+            for name, server in servers.items()
+        }
+        slices = await paired_rounds(targets, clients=4, rounds=3, seconds=0.1, max_requests=10**6)
+        for server in servers.values():
+            server.close()
+        return accepted, answered, slices
+
+    accepted, answered, slices = asyncio.run(scenario())
+    assert accepted == {"A": 4, "B": 4}  # 4 connections each, kept for all three rounds
+    # rounds A B | B A | A B: one server at a time, and the order alternates
+    assert [name for name, _ in itertools.groupby(answered)] == ["A", "B", "A", "B"]
+    for name in "AB":
+        assert len(slices[name]) == 3
+        assert all(part["requests"] > 0 and part["failures"] == 0 for part in slices[name])
+        assert slices[name][0]["held"] == "4"  # this process holds the server ends of all 4
+        assert pooled(slices[name])["requests"] == answered.count(name)
