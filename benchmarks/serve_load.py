@@ -194,10 +194,10 @@ async def drive(
     return summary(len(clients), [np.array(run.latencies) * 1e3], run.failures, elapsed, ["-"])
 
 
-def held(clients: dict, server_pid: int, port: int) -> dict:
-    """``clients`` (a slice's figures) with how many of the open connections each server process
-    holds: call it once every connection has been answered, so that all have been accepted."""
-    return {**clients, "held": "+".join(str(n) for n in connections_held(server_pid, port))}
+def with_connections_held(figures: dict, server_pid: int, port: int) -> dict:
+    """A slice's ``figures`` with how many of the open connections each server process holds:
+    call it once every connection has been answered, so that all have been accepted."""
+    return {**figures, "held": "+".join(str(n) for n in connections_held(server_pid, port))}
 
 
 async def load(
@@ -213,7 +213,7 @@ async def load(
     connections = await connect(port, clients)
     try:
         figures = await drive(connections, request, seconds, max_requests, port)
-        return figures if server_pid is None else held(figures, server_pid, port)
+        return figures if server_pid is None else with_connections_held(figures, server_pid, port)
     finally:
         await close(connections)
 
@@ -237,7 +237,7 @@ async def paired_rounds(
                 port, pid, request = servers[name]
                 figures = await drive(connections[name], request, seconds, max_requests, port)
                 if round_ == 0:  # where the connections went: they stay open for every round
-                    figures = held(figures, pid, port)
+                    figures = with_connections_held(figures, pid, port)
                 slices[name].append(figures)
     finally:
         for opened in connections.values():

@@ -73,10 +73,8 @@ class TFLitePredictor:
             info = np.iinfo(self.input["dtype"])
             self.in_scale, self.in_zero = np.float32(1 / scale), np.float32(zero)
             self.in_range = np.float32(info.min), np.float32(info.max)
-        self.pixels_in = self.input["dtype"] == np.uint8 and self.input["quantization"] == (
-            np.float32(1 / 255),
-            0,
-        )
+        dtype, quantization = self.input["dtype"], self.input["quantization"]
+        self.pixels_in = dtype == np.uint8 and quantization == (np.float32(1 / 255), 0)
         self.out_table = None
         if self.output["dtype"] in (np.uint8, np.int8):  # (q - zero) * scale for each of 256 codes
             scale, zero = self.output["quantization"]
@@ -87,9 +85,8 @@ class TFLitePredictor:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = _checked(images, keep_pixels=self.pixels_in)
-        if (
-            self.quantised_in and images.dtype != np.uint8
-        ):  # in place on a new array: few numpy calls, ~1 µs each on one image
+        if self.quantised_in and images.dtype == np.float32:
+            # in place on a new array: few numpy calls, ~1 µs each on one image
             scaled = images * self.in_scale
             if self.in_zero:
                 scaled += self.in_zero
