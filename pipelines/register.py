@@ -28,7 +28,7 @@ import numpy as np
 
 from pipelines.config import RegisterParams, load_params
 from pipelines.data import write_json
-from pipelines.runtime import PARITY_REPORT
+from pipelines.runtime import PARITY_REPORT, SPEED_REPORT
 
 log = logging.getLogger("pipelines.register")
 
@@ -45,32 +45,45 @@ class Decision:
     reason: str
 
 
-def decide_promotion(
-    params: RegisterParams,
-    candidate_accuracy: float,
-    champion_accuracy: float | None,
-    champion_version: str | None,
-) -> Decision:
-    """The promotion gate as a pure function of the numbers it compares."""
-    if candidate_accuracy < params.min_accuracy:
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the gate weighs, measured by ``register_model``; the decision is a function of it."""
+
+    candidate_accuracy: float  # the candidate's test accuracy (evaluate's metrics.json)
+    champion_accuracy: float | None = None  # the champion re-scored on this test set; None: none
+    champion_version: str | None = None
+    champion_unservable: str | None = None  # why the previous champion was set aside, if it was
+    registry_drift: float = 0.0  # max |dp| of the registry copy against the evaluated model
+    served_failure: str | None = None  # the infra check of the served export; None: passed
+
+
+def decide_promotion(params: RegisterParams, evidence: Evidence) -> Decision:
+    """The promotion gate, as a pure function of what was measured (steps 1-4 of the docstring)."""
+    accuracy, champion = evidence.candidate_accuracy, evidence.champion_accuracy
+    if accuracy < params.min_accuracy:
+        return Decision(
+            None, f"test accuracy {accuracy:.4%} is below the floor {params.min_accuracy:.4%}"
+        )
+    if evidence.registry_drift > PROBABILITY_TOLERANCE:
         return Decision(
             None,
-            f"test accuracy {candidate_accuracy:.4%} is below the floor {params.min_accuracy:.4%}",
+            f"registry copy predicts differently from the evaluated model "
+            f"(max |dp| {evidence.registry_drift:.2e}, tolerance {PROBABILITY_TOLERANCE:.0e})",
         )
-    if champion_accuracy is None:
+    if evidence.served_failure is not None:
+        return Decision(None, evidence.served_failure)
+    if champion is None:
+        reason = f"no current champion; test accuracy {accuracy:.4%} passes the floor {params.min_accuracy:.4%}"
+        if evidence.champion_unservable:
+            reason += f"; the previous champion {evidence.champion_unservable}"
+        return Decision(params.champion_alias, reason)
+    versus = f"champion v{evidence.champion_version}: {accuracy:.4%}"
+    if accuracy > champion:
         return Decision(
-            params.champion_alias,
-            f"no current champion; test accuracy {candidate_accuracy:.4%} passes the floor {params.min_accuracy:.4%}",
-        )
-    if candidate_accuracy > champion_accuracy:
-        return Decision(
-            params.champion_alias,
-            f"beats champion v{champion_version}: {candidate_accuracy:.4%} > {champion_accuracy:.4%} on the same test set",
+            params.champion_alias, f"beats {versus} > {champion:.4%} on the same test set"
         )
     return Decision(
-        params.challenger_alias,
-        f"does not beat champion v{champion_version}: {candidate_accuracy:.4%} <= {champion_accuracy:.4%} "
-        "on the same test set",
+        params.challenger_alias, f"does not beat {versus} <= {champion:.4%} on the same test set"
     )
 
 
@@ -101,7 +114,7 @@ def check_served(
 
     tags = {"served_format": served_format, "parity_passed": str(parity["passed"]).lower()}
     for name, row in parity["formats"].items():
-        for key in ("accuracy", "agreement", "latency_1_ms"):
+        for key in ("accuracy", "agreement"):
             tags[f"export.{name}.{key}"] = f"{row[key]:.6g}"
     try:
         check_parity(parity, served_format, f"v{version}")
@@ -214,13 +227,6 @@ def register_model(
     version = mlflow.register_model(info.model_uri, params.model_name).version
     log.info("registered %s v%s from run %s", params.model_name, version, run_id)
     try:
-        decision = decide_promotion(
-            params, metrics["accuracy"], champion_accuracy, champion.version if champion else None
-        )
-        if unservable and decision.alias == params.champion_alias:
-            decision = Decision(
-                decision.alias, f"{decision.reason}; the previous champion {unservable}"
-            )
         # Infra check: the registered artefact must load and predict like the model we evaluated.
         n = min(LOAD_CHECK_IMAGES, len(x_test))
         batch = to_model_input(x_test[:n])
@@ -229,23 +235,31 @@ def register_model(
         drift = float(
             np.abs(loaded.predict(batch, batch_size=batch_size, verbose=0) - expected).max()
         )
-        if drift > PROBABILITY_TOLERANCE and decision.alias is not None:
-            decision = Decision(
-                None,
-                f"registry copy predicts differently from the evaluated model (max |dp| {drift:.2e} on {n} images)",
-            )
         served_tags: dict[str, str] = {}
+        failure = None
         if parity is not None:
             served_tags, failure = check_served(
                 params, version, parity, served_format, model, x_test, y_test, batch_size
             )
-            if failure and decision.alias is not None:
-                decision = Decision(None, failure)
+            speed_file = Path(export_dir) / SPEED_REPORT
+            if speed_file.exists():
+                for name, row in json.loads(speed_file.read_text())["formats"].items():
+                    served_tags[f"export.{name}.latency_1_ms"] = f"{row['latency_1_ms']:.6g}"
+        decision = decide_promotion(
+            params,
+            Evidence(
+                candidate_accuracy=metrics["accuracy"],
+                champion_accuracy=champion_accuracy,
+                champion_version=champion.version if champion else None,
+                champion_unservable=unservable,
+                registry_drift=drift,
+                served_failure=failure,
+            ),
+        )
 
         tags = {
             "test_accuracy": f"{metrics['accuracy']:.6f}",
             "test_loss": f"{metrics['loss']:.6f}",
-            "data_source": metrics.get("data_source", "unknown"),
             "run_id": run_id,
             "decision": decision.alias or "none",
             "reason": decision.reason,
@@ -294,12 +308,12 @@ def main() -> None:
     from pipelines.data import load_raw
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--model", default="data/model")
-    parser.add_argument("--metrics", default="data/reports/metrics.json")
-    parser.add_argument("--export", default="data/export", help="the export stage's output")
-    parser.add_argument("--report", default="data/reports/report.html", help="evaluate's report")
-    parser.add_argument("--out", default="data/register")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--export", required=True, help="the export stage's output")
+    parser.add_argument("--report", required=True, help="evaluate's report")
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     model_dir = Path(args.model)
@@ -317,6 +331,7 @@ def main() -> None:
         data.y_test,
         params.evaluate.batch_size,
         extra_tags={
+            "data_source": data.data_source,
             "git_commit": tracking.git_commit(),
             "data_version": tracking.client()
             .get_run(run_id)

@@ -1,4 +1,5 @@
-"""The promotion gate against a real MLflow registry (sqlite in tmp_path)."""
+"""The promotion gate: its decision as a pure function, case by case, then against a real MLflow
+registry (sqlite in tmp_path)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 
 from pipelines import tracking
 from pipelines.config import ModelParams, RegisterParams
-from pipelines.evaluate import evaluate_probabilities
 from pipelines.model import build_model, predict_probabilities, to_model_input
-from pipelines.register import register_model
+from pipelines.register import Evidence, decide_promotion, register_model
+from pipelines.scoring import evaluate_probabilities
 
 GATE = RegisterParams(
     model_name="mnist-classifier",
@@ -21,6 +22,111 @@ GATE = RegisterParams(
     serve_check_images=128,
     max_served_drop=0.002,
 )
+
+
+# --- the decision: a pure function of the evidence ------------------------------------------
+
+
+@pytest.fixture
+def rparams(params) -> RegisterParams:
+    return params.register  # params.yaml's gate: floor 0.99, aliases champion / challenger
+
+
+def test_below_the_floor_gets_no_alias(rparams: RegisterParams) -> None:
+    # given a candidate under the 99% floor, even with no champion to beat
+    decision = decide_promotion(rparams, Evidence(candidate_accuracy=0.985))
+    # then no alias, and the reason names the floor and the accuracy
+    assert decision.alias is None
+    assert "below the floor 99.0000%" in decision.reason and "98.5000%" in decision.reason
+
+
+def test_below_the_floor_loses_even_against_a_worse_champion(rparams: RegisterParams) -> None:
+    evidence = Evidence(candidate_accuracy=0.98, champion_accuracy=0.5, champion_version="3")
+    assert decide_promotion(rparams, evidence).alias is None
+
+
+def test_first_version_over_the_floor_becomes_champion(rparams: RegisterParams) -> None:
+    decision = decide_promotion(rparams, Evidence(candidate_accuracy=0.992))
+    assert decision.alias == "champion"
+    assert "no current champion" in decision.reason
+
+
+def test_exactly_the_floor_passes(rparams: RegisterParams) -> None:
+    assert decide_promotion(rparams, Evidence(candidate_accuracy=0.99)).alias == "champion"
+
+
+def test_strictly_better_candidate_takes_champion(rparams: RegisterParams) -> None:
+    evidence = Evidence(candidate_accuracy=0.995, champion_accuracy=0.993, champion_version="4")
+    decision = decide_promotion(rparams, evidence)
+    assert decision.alias == "champion"
+    assert "beats champion v4: 99.5000% > 99.3000%" in decision.reason
+
+
+@pytest.mark.parametrize("candidate", [0.993, 0.991], ids=["equal", "worse"])
+def test_equal_or_worse_candidate_is_challenger(rparams: RegisterParams, candidate: float) -> None:
+    # given a champion v7 at 99.3%
+    evidence = Evidence(candidate_accuracy=candidate, champion_accuracy=0.993, champion_version="7")
+    decision = decide_promotion(rparams, evidence)
+    # then the candidate is only a challenger, and the reason names the champion's version
+    assert decision.alias == "challenger"
+    assert "does not beat champion v7" in decision.reason
+
+
+def test_registry_copy_that_drifts_gets_no_alias_whatever_it_scores(
+    rparams: RegisterParams,
+) -> None:
+    # given the best candidate there is, whose registered copy predicts differently
+    evidence = Evidence(candidate_accuracy=1.0, registry_drift=1e-3)
+    decision = decide_promotion(rparams, evidence)
+    # then no alias, and the reason gives the drift against the tolerance
+    assert decision.alias is None
+    assert "registry copy predicts differently" in decision.reason and "1.00e-03" in decision.reason
+
+
+def test_drift_within_tolerance_does_not_block(rparams: RegisterParams) -> None:
+    evidence = Evidence(candidate_accuracy=0.995, registry_drift=5e-5)
+    assert decide_promotion(rparams, evidence).alias == "champion"
+
+
+@pytest.mark.parametrize("champion", [None, 0.5], ids=["no-champion", "worse-champion"])
+def test_served_export_failure_gets_no_alias_and_is_the_reason(
+    rparams: RegisterParams, champion: float | None
+) -> None:
+    failure = "served export model_int8.tflite: int8 loses 0.30% accuracy"
+    evidence = Evidence(
+        candidate_accuracy=0.995,
+        champion_accuracy=champion,
+        champion_version="2" if champion else None,
+        served_failure=failure,
+    )
+    decision = decide_promotion(rparams, evidence)
+    assert decision.alias is None and decision.reason == failure
+
+
+def test_floor_is_named_before_any_infra_failure(rparams: RegisterParams) -> None:
+    # given a candidate that fails every step: the first step's reason is the one recorded
+    evidence = Evidence(candidate_accuracy=0.5, registry_drift=1.0, served_failure="broken")
+    assert "below the floor" in decide_promotion(rparams, evidence).reason
+
+
+def test_unservable_champion_is_named_in_the_new_champions_reason(
+    rparams: RegisterParams,
+) -> None:
+    # given the previous champion was set aside as unservable (so no champion accuracy)
+    evidence = Evidence(candidate_accuracy=0.995, champion_unservable="v3 cannot be served (gone)")
+    decision = decide_promotion(rparams, evidence)
+    assert decision.alias == "champion"
+    assert decision.reason.endswith("; the previous champion v3 cannot be served (gone)")
+
+
+def test_aliases_come_from_params(rparams: RegisterParams) -> None:
+    custom = rparams.model_copy(update={"champion_alias": "prod", "challenger_alias": "staging"})
+    assert decide_promotion(custom, Evidence(candidate_accuracy=0.999)).alias == "prod"
+    beaten = Evidence(candidate_accuracy=0.991, champion_accuracy=0.999, champion_version="2")
+    assert decide_promotion(custom, beaten).alias == "staging"
+
+
+# --- against a real registry ---------------------------------------------------------------
 
 
 @pytest.fixture()
