@@ -55,7 +55,7 @@ def arm(args: argparse.Namespace, adversarial: bool, model_out: Path) -> dict:
     result = train_model(train, policy, data.x_train, data.y_train, adversarial=settings)
     seconds = time.perf_counter() - start
     result.model.save(model_out)
-    return score(result.model, data, args.epsilons) | {
+    return score(result.model, data, args.epsilons, params.evaluate) | {
         "train_seconds": seconds,
         "epochs_run": len(result.history.get("loss", [])),
         "adversarial": settings.model_dump(),
@@ -63,15 +63,18 @@ def arm(args: argparse.Namespace, adversarial: bool, model_out: Path) -> dict:
     }
 
 
-def score(model, data, epsilons: list[float]) -> dict:
+def score(model, data, epsilons: list[float], evaluate) -> dict:
     from pipelines.insight import fgsm
     from pipelines.model import predict_probabilities
 
-    probs = predict_probabilities(model, data.x_test, 1000)
+    probs = predict_probabilities(model, data.x_test, evaluate.batch_size)
     return {
         "clean_accuracy": float((probs.argmax(axis=1) == data.y_test).mean()),
         "fgsm_accuracy": {
-            str(e): a for e, a in fgsm(model, data.x_test, data.y_test, epsilons).items()
+            str(e): a
+            for e, a in fgsm(
+                model, data.x_test, data.y_test, epsilons, evaluate.insight_batch_size
+            ).items()
         },
     }
 

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", default="data/dataset")
     parser.add_argument("--model", default="data/model/model.keras")
+    parser.add_argument("--best-params", default="data/tune/best_params.json")
     args = parser.parse_args()
     if not Path(args.model).exists():
         raise SystemExit(
@@ -76,6 +77,7 @@ def main() -> None:
                 argv = [
                     sys.executable, "-m", "pipelines.evaluate", "--params", str(params_file),
                     "--raw", args.raw, "--model", str(model_dir), "--out", str(tmp / "reports"),
+                    "--best-params", args.best_params,
                 ]  # fmt: skip
                 start = time.perf_counter()
                 done = subprocess.run(argv, env=env, capture_output=True, text=True)

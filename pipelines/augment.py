@@ -187,8 +187,8 @@ def main() -> None:
     from pipelines.model import to_model_input
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--out", default="data/augment")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     all_params = load_params(args.params)
     params = all_params.augment

@@ -190,6 +190,7 @@ class EvaluateParams(Section):
     fgsm_epsilons: list[float] = Field(min_length=1)
     fgsm_images: int = Field(ge=0)  # test images FGSM attacks (seeded sample); 0 = all
     calibration_bins: int = Field(ge=2)
+    insight_batch_size: int = Field(ge=1)  # images per gradient pass (Grad-CAM, FGSM)
 
     @field_validator("fgsm_epsilons")
     @classmethod

@@ -13,98 +13,20 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipelines.config import load_params
+from pipelines.constants import NUM_CLASSES
 from pipelines.data import atomic_write_text, load_raw, save_figure, write_json
+from pipelines.scoring import Evaluation, evaluate_probabilities
 
 log = logging.getLogger("pipelines.evaluate")
 
-NUM_CLASSES = 10
 INSIGHT_DIR = "insight"  # Grad-CAM, error gallery, robustness and calibration files, under --out
 REPORT_FILE = "report.html"
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Test-set results of one model."""
-
-    accuracy: float
-    loss: float
-    confusion: np.ndarray  # (10, 10) int, rows = true digit, columns = predicted digit
-    per_class: pd.DataFrame  # digit, precision, recall, f1, support
-    confused_pairs: (
-        pd.DataFrame
-    )  # true, predicted, count, share_of_true (off-diagonal, largest first)
-    predicted: np.ndarray  # (N,) int
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int = NUM_CLASSES) -> np.ndarray:
-    """(n, n) counts, rows = true class, columns = predicted class."""
-    cm = np.zeros((n, n), dtype=np.int64)
-    np.add.at(cm, (y_true.astype(np.int64), y_pred.astype(np.int64)), 1)
-    return cm
-
-
-def per_class_metrics(cm: np.ndarray) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
-    tp = np.diag(cm).astype(float)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return pd.DataFrame(
-        {
-            "digit": range(len(cm)),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": support,
-        }
-    )
-
-
-def most_confused_pairs(cm: np.ndarray, top: int) -> pd.DataFrame:
-    """Off-diagonal cells, largest count first: which digit was taken for which."""
-    rows = [
-        {
-            "true": t,
-            "predicted": p,
-            "count": int(cm[t, p]),
-            "share_of_true": cm[t, p] / max(1, cm[t].sum()),
-        }
-        for t in range(len(cm))
-        for p in range(len(cm))
-        if t != p and cm[t, p] > 0
-    ]
-    frame = pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true"])
-    return (
-        frame.sort_values(["count", "true", "predicted"], ascending=[False, True, True])
-        .head(top)
-        .reset_index(drop=True)
-    )
-
-
-def evaluate_probabilities(probs: np.ndarray, y_true: np.ndarray, top_pairs: int) -> Evaluation:
-    """Score (N, 10) predicted probabilities against (N,) labels."""
-    y_true = y_true.astype(np.int64)
-    predicted = probs.argmax(axis=1)
-    eps = 1e-7
-    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0))))
-    cm = confusion_matrix(y_true, predicted)
-    return Evaluation(
-        accuracy=float((predicted == y_true).mean()),
-        loss=loss,
-        confusion=cm,
-        per_class=per_class_metrics(cm),
-        confused_pairs=most_confused_pairs(cm, top_pairs),
-        predicted=predicted,
-    )
 
 
 def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
@@ -140,16 +62,17 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:
 def write_reports(
     result: Evaluation,
     y_true: np.ndarray,
-    data_source: str,
     out: Path,
     extra_metrics: dict | None = None,
 ) -> dict:
-    """Write every report file into ``out``; return the metrics dict (``extra_metrics`` joins it)."""
+    """Write every report file into ``out``; return the metrics dict (``extra_metrics`` joins it).
+
+    metrics.json holds numbers only, the headline of `dvc metrics show`; where the data came from
+    is the run's ``data_source`` tag."""
     metrics = {
         "accuracy": round(result.accuracy, 6),
         "loss": round(result.loss, 6),
         "n_test": int(len(y_true)),
-        "data_source": data_source,
         **(extra_metrics or {}),
     }
     write_json(out / "metrics.json", metrics)
@@ -161,8 +84,8 @@ def write_reports(
     )
     cm_frame = pd.DataFrame(
         result.confusion,
-        index=pd.Index(range(10), name="true"),
-        columns=[f"pred_{d}" for d in range(10)],
+        index=pd.Index(range(NUM_CLASSES), name="true"),
+        columns=[f"pred_{d}" for d in range(NUM_CLASSES)],
     )
     atomic_write_text(out / "confusion_matrix.csv", cm_frame.to_csv())
     atomic_write_text(
@@ -274,12 +197,10 @@ def main() -> None:
     from pipelines.report import render_off_notice
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--model", default="data/model")
-    parser.add_argument("--out", default="data/reports")
-    parser.add_argument(
-        "--best-params", default="data/tune/best_params.json", help="shown in the report"
-    )
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--best-params", required=True, help="shown in the report")
     args = parser.parse_args()
     params = load_params(args.params)
     data = load_raw(Path(args.raw), params.ingest.file_names)
@@ -306,7 +227,6 @@ def main() -> None:
     metrics = write_reports(
         result,
         data.y_test,
-        data.data_source,
         out,
         {k: round(v, 6) for k, v in found.metrics().items()} if found else None,
     )
@@ -359,7 +279,7 @@ def main() -> None:
             (out / INSIGHT_DIR).mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / INSIGHT_DIR / "OFF.txt", "evaluate.insight is false\n")
             atomic_write_text(out / REPORT_FILE, render_off_notice(metrics))
-        mlflow.set_tag("data_source", metrics["data_source"])
+        mlflow.set_tag("data_source", data.data_source)
         mlflow.log_artifacts(str(out), artifact_path="evaluation")
 
 

@@ -5,8 +5,10 @@ For every format, through ``pipelines.runtime`` (the code the server runs): test
 agreement with Keras, the largest probability difference, file size, the median latency of a
 one-image call and of a batch call. The bars (``export.min_agreement`` for ONNX and float TFLite,
 ``export.max_int8_drop`` for int8) are recorded per format in ``parity.json``; the register stage
-refuses to promote a model whose served format failed them. The files and the report are logged on
-the training run; register attaches them to the model version.
+refuses to promote a model whose served format failed them. The report is written in three parts
+(``split_report``): ``parity.json``, the verdict; ``speed.json``, sizes and latencies, which change
+on every run and so are no metric; and one headline metrics file per format (accuracy, agreement).
+The files and the reports are logged on the training run; register attaches them to the version.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from pipelines.config import ExportParams, load_params
 from pipelines.data import atomic_write_bytes, load_raw, write_json
-from pipelines.runtime import FORMATS, PARITY_REPORT, load_predictor
+from pipelines.runtime import FORMATS, METRICS_FILES, PARITY_REPORT, SPEED_REPORT, load_predictor
 
 log = logging.getLogger("pipelines.export")
 
@@ -254,6 +256,41 @@ def parity_report(
     }
 
 
+SPEED_KEYS = ("size_bytes", "latency_1_ms", "latency_batch_ms", "batch_images_per_s")
+HEADLINE_KEYS = ("accuracy", "agreement")
+
+
+def split_report(report: dict) -> dict[str, dict]:
+    """``parity_report``'s result as the files the stage writes: file name -> content.
+
+    Timings and sizes go to the speed report alone, so that rerunning export changes the verdict
+    and the metrics only when the models' predictions change."""
+    speed_rows = {
+        n: {k: row[k] for k in SPEED_KEYS if k in row} for n, row in report["formats"].items()
+    }
+    verdict_rows = {
+        n: {k: v for k, v in row.items() if k not in SPEED_KEYS}
+        for n, row in report["formats"].items()
+    }
+    files = {
+        PARITY_REPORT: {
+            k: v
+            for k, v in report.items()
+            if k not in ("formats", "fastest_single_image", "threads", "latency_batch")
+        }
+        | {"formats": verdict_rows},
+        SPEED_REPORT: {
+            "threads": report["threads"],
+            "latency_batch": report["latency_batch"],
+            "fastest_single_image": report["fastest_single_image"],
+            "formats": speed_rows,
+        },
+    }
+    for name, metrics_file in METRICS_FILES.items():
+        files[metrics_file] = {k: report["formats"][name][k] for k in HEADLINE_KEYS}
+    return files
+
+
 def run_export(
     model,
     x_train: np.ndarray,
@@ -280,9 +317,9 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--model", default="data/model")
-    parser.add_argument("--out", default="data/export")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     model_dir, out = Path(args.model), Path(args.out)
@@ -293,11 +330,12 @@ def main() -> None:
     model = keras.models.load_model(model_file)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     report = run_export(model, data.x_train, data.x_test, data.y_test, params.export, out)
-    write_json(out / PARITY_REPORT, report)
+    written = split_report(report)
+    for file_name, content in written.items():
+        write_json(out / file_name, content)
     with tracking.attach_run(model_dir / tracking.RUN_FILE, params.tracking.experiment):
-        for name in FORMATS:
+        for name in [*FORMATS, *written]:
             mlflow.log_artifact(str(out / name), artifact_path="export")
-        mlflow.log_artifact(str(out / PARITY_REPORT), artifact_path="export")
         mlflow.log_metrics(
             {
                 f"export.{name.replace('.', '_')}.{key}": value

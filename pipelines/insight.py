@@ -18,11 +18,11 @@ import pandas as pd
 
 from pipelines.adversarial import fgsm_batch, logits_function, signed_gradient
 from pipelines.config import EvaluateParams
+from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
 from pipelines.data import save_figure
-from pipelines.evaluate import NUM_CLASSES, confusion_matrix, most_confused_pairs
+from pipelines.scoring import confusion_matrix, most_confused_pairs
 
 FIGURE_DPI = 90  # as evaluate.plot_confusion
-BATCH_SIZE = 500  # images per forward/backward pass: bounds the memory the gradient tape holds
 
 
 def as_model_input(images: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ def last_conv_layer(model) -> str:
 
 
 def grad_cam(
-    model, images: np.ndarray, layer_name: str | None = None, batch_size: int = BATCH_SIZE
+    model, images: np.ndarray, batch_size: int, layer_name: str | None = None
 ) -> np.ndarray:
     """Grad-CAM heatmaps for each image's predicted digit, (N, 28, 28) float32 in [0, 1].
 
@@ -156,7 +156,7 @@ def _sheet_figure(sheet: np.ndarray, inch_per_px: float, title: str, left_in: fl
 
 def _caption(ax, cell: int, cols: int, pad: int, text: str, **style) -> None:
     """A caption centred above the ``cell``-th 28x28 tile of a ``_mosaic``."""
-    top, left = _cell_origin(cell, cols, 28, 28, pad)
+    top, left = _cell_origin(cell, cols, IMAGE_SIDE, IMAGE_SIDE, pad)
     ax.text(left + pad // 2 + 13.5, top + pad - 1, text, ha="center", va="bottom", **style)
 
 
@@ -180,7 +180,7 @@ def overlay_grid(
     colour = matplotlib.colormaps["jet"](np.asarray(heatmaps))[..., :3]  # (N, 28, 28, 3)
     tiles = 0.55 * gray + 0.45 * colour  # the ink stays visible under the heat
     cols, pad = max(1, min(cols, len(tiles))), 8
-    fig, ax = _sheet_figure(_mosaic(tiles, cols, pad), 1.45 / (28 + pad), title)
+    fig, ax = _sheet_figure(_mosaic(tiles, cols, pad), 1.45 / (IMAGE_SIDE + pad), title)
     for i, (t, p, c) in enumerate(zip(true, pred, confidence, strict=True)):
         text = f"true {int(t)} / pred {int(p)} ({float(c):.0%})"
         _caption(ax, i, cols, pad, text, fontsize=6.5, color="black" if t == p else "red")
@@ -245,7 +245,9 @@ def misclassified_gallery(
     gray = _gray(images)
     cols = max(1, min(max_per_pair, max((len(idx) for *_, idx in groups), default=1)))
     rows = max(1, len(groups))
-    tiles = np.ones((rows * cols, 28, 28, 3), dtype=np.float32)  # white where a row is short
+    tiles = np.ones(
+        (rows * cols, IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.float32
+    )  # white where a row is short
     captions = []
     for r, (_, p, idx) in enumerate(groups):
         shown = idx[:max_per_pair]
@@ -255,13 +257,13 @@ def misclassified_gallery(
     n_wrong = sum(len(idx) for *_, idx in groups)
     fig, ax = _sheet_figure(
         _mosaic(tiles, cols, pad),
-        0.9 / (28 + pad),
+        0.9 / (IMAGE_SIDE + pad),
         f"{n_wrong} misclassified of {len(y_true)} (true as predicted: count)",
         left_in=1.3,
     )
     for r, c, i, conf in captions:
         _caption(ax, r * cols + c, cols, pad, f"#{i} {conf:.0%}", fontsize=6)
-    ax.set_yticks([r * (28 + pad) + pad + 13.5 for r in range(len(groups))])
+    ax.set_yticks([r * (IMAGE_SIDE + pad) + pad + (IMAGE_SIDE - 1) / 2 for r in range(len(groups))])
     ax.set_yticklabels(
         [
             f"{t} as {p}: {len(idx)}"
@@ -304,7 +306,7 @@ def fgsm(
     images: np.ndarray,
     labels: np.ndarray,
     epsilons: list[float],
-    batch_size: int = BATCH_SIZE,
+    batch_size: int,
 ) -> dict[float, float]:
     """Accuracy under FGSM for each epsilon: x_adv = clip(x + eps * sign(grad_x loss), 0, 1).
 
@@ -336,7 +338,7 @@ def fgsm(
 
 
 def fgsm_examples(
-    model, images: np.ndarray, labels: np.ndarray, eps: float, batch_size: int = BATCH_SIZE
+    model, images: np.ndarray, labels: np.ndarray, eps: float, batch_size: int
 ) -> np.ndarray:
     """FGSM-perturbed copies of ``images``, (N, 28, 28, 1) float32 in [0, 1] (model input)."""
     import tensorflow as tf
@@ -500,7 +502,9 @@ def analyse(
     # drawn (matplotlib, single-threaded).
     sample = seeded_sample(len(images), params.fgsm_images or len(images), params.seed)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgsm")
-    attack = pool.submit(fgsm, model, images[sample], labels[sample], params.fgsm_epsilons)
+    attack = pool.submit(
+        fgsm, model, images[sample], labels[sample], params.fgsm_epsilons, params.insight_batch_size
+    )
     pool.shutdown(wait=False)
 
     layer = last_conv_layer(model)
@@ -510,7 +514,7 @@ def analyse(
     n_wrong = int((labels[pick] != predicted[pick]).sum())
     overlay_grid(
         images[pick],
-        grad_cam(model, images[pick], layer),
+        grad_cam(model, images[pick], params.insight_batch_size, layer),
         labels[pick],
         predicted[pick],
         confidence[pick],

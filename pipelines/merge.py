@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import MergeParams, load_params
+from pipelines.constants import IMAGE_SIDE
 from pipelines.data import (
     SOURCE_FILE,
     DataError,
@@ -50,7 +51,6 @@ from pipelines.data import (
 log = logging.getLogger("pipelines.merge")
 
 INCOMING_DIR = Path("data/incoming")  # also in dvc.yaml and used by the server's POST /feedback
-SIDE = 28
 IDX_PAIR = re.compile(r"^(?P<name>.+)-(?P<kind>images-idx3|labels-idx1)-ubyte(?:\.gz)?$")
 
 
@@ -87,7 +87,7 @@ def png_digit(data: bytes) -> np.ndarray:
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"is not a readable PNG ({exc})") from None
-    if image.size != (SIDE, SIDE):
+    if image.size != (IMAGE_SIDE, IMAGE_SIDE):
         raise ValueError(
             f"is {image.size[0]}x{image.size[1]} pixels; incoming digits must be 28x28 "
             "(POST /predict/image turns any photo into one)"
@@ -113,7 +113,7 @@ def save_incoming(digit: np.ndarray, label: int, incoming: Path = INCOMING_DIR) 
     from PIL import Image
 
     digit = np.asarray(digit, dtype=np.uint8)
-    if digit.shape != (SIDE, SIDE) or not 0 <= int(label) <= 9:
+    if digit.shape != (IMAGE_SIDE, IMAGE_SIDE) or not 0 <= int(label) <= 9:
         raise ValueError(f"expected a 28x28 digit and a label 0-9, got {digit.shape} and {label}")
     buffer = io.BytesIO()
     Image.fromarray(digit, mode="L").save(buffer, format="PNG")
@@ -132,7 +132,7 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
         return parse_idx(path.read_bytes(), str(path))
 
     images, labels = read(images_path), read(labels_path)
-    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise ValueError(f"holds images of shape {images.shape[1:]}, expected (28, 28)")
     if labels.ndim != 1:
         raise ValueError(f"{labels_path.name} is not a labels file (shape {labels.shape})")
@@ -287,10 +287,10 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/raw")
-    parser.add_argument("--incoming", default=str(INCOMING_DIR))
-    parser.add_argument("--out", default="data/dataset")
-    parser.add_argument("--report", default="data/merge/report.json")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--incoming", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--report", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     report = merge(

@@ -10,9 +10,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import ModelParams
+from pipelines.constants import INPUT_SHAPE, NUM_CLASSES
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 # CPU features that give oneDNN native bfloat16 arithmetic (/proc/cpuinfo's names)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 

@@ -19,11 +19,21 @@ from typing import Protocol
 
 import numpy as np
 
-PARITY_REPORT = "parity.json"  # the export stage's report, attached to the version with the files
+from pipelines.constants import INPUT_SHAPE
+
+PARITY_REPORT = "parity.json"  # the export stage's verdict per format, attached to the version
+SPEED_REPORT = "speed.json"  # the export stage's sizes and latencies: measured, not a verdict
 FORMATS = {  # export file name -> what it is
     "model.onnx": "ONNX (ONNX Runtime)",
     "model_float.tflite": "TFLite float32",
     "model_int8.tflite": "TFLite int8, full-integer",
+}
+# export file name -> its headline metrics file (accuracy, agreement), for `dvc metrics show`:
+# one small file per format, so that each format is a row under the same two columns
+METRICS_FILES = {
+    "model.onnx": "onnx.json",
+    "model_float.tflite": "tflite.json",
+    "model_int8.tflite": "int8.json",
 }
 
 
@@ -108,8 +118,10 @@ class TFLitePredictor:
 def _checked(images: np.ndarray, keep_pixels: bool = False) -> np.ndarray:
     """(N, 28, 28, 1) float32 in [0, 1]; uint8 pixels are divided by 255 unless ``keep_pixels``."""
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or not len(images):
-        raise ValueError(f"expected images of shape (N>0, 28, 28, 1), got {images.shape}")
+    if images.ndim != 4 or images.shape[1:] != INPUT_SHAPE or not len(images):
+        raise ValueError(
+            f"expected images of shape (N>0, {', '.join(map(str, INPUT_SHAPE))}), got {images.shape}"
+        )
     if images.dtype == np.uint8:
         return images if keep_pixels else images.astype(np.float32) / np.float32(255)
     return images.astype(np.float32, copy=False)

@@ -29,8 +29,9 @@ from pipelines.config import (
     apply_overrides,
     load_params,
 )
+from pipelines.constants import INPUT_SHAPE
 from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw
-from pipelines.model import INPUT_SHAPE, build_model, compute_dtype, serving_copy, to_model_input
+from pipelines.model import build_model, compute_dtype, serving_copy, to_model_input
 
 log = logging.getLogger("pipelines.train")
 
@@ -414,15 +415,13 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--policy", default="data/augment/policy.json")
-    parser.add_argument(
-        "--best-params", default="data/tune/best_params.json", help="the tune stage's overrides"
-    )
-    parser.add_argument("--preview", default="data/augment/preview.png")
-    parser.add_argument("--validation-report", default="data/validation/report.json")
-    parser.add_argument("--checkpoints", default="data/checkpoints")
-    parser.add_argument("--out", default="data/model")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--best-params", required=True, help="the tune stage's overrides")
+    parser.add_argument("--preview", required=True)
+    parser.add_argument("--validation-report", required=True)
+    parser.add_argument("--checkpoints", required=True)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     params, policy = tuned_settings(

@@ -333,9 +333,9 @@ def main() -> None:
     from pipelines.cli import base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--policy", default="data/augment/policy.json")
-    parser.add_argument("--out", default="data/tune")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     out = Path(args.out)

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import ValidateParams, load_params
+from pipelines.constants import NUM_CLASSES
 from pipelines.data import Dataset, atomic_write_text, load_raw, write_json
 
 log = logging.getLogger("pipelines.validate")
 
-DIGITS = list(range(10))
+DIGITS = list(range(NUM_CLASSES))
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ def class_balance(labels_by_split: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per (split, digit): count and share of the split, zero for a missing digit."""
     rows = []
     for split, labels in labels_by_split.items():
-        counts = np.bincount(labels.astype(np.int64).clip(0, 9), minlength=10)[:10]
+        counts = np.bincount(
+            labels.astype(np.int64).clip(0, NUM_CLASSES - 1), minlength=NUM_CLASSES
+        )
         for digit in DIGITS:
             rows.append(
                 {
@@ -123,7 +126,7 @@ def image_expectations(
 def balance_expectations(params: ValidateParams, splits: list[str]) -> list:
     """Every digit present in every split, each with at least ``min_class_share``."""
     return [
-        gxe.ExpectTableRowCountToEqual(value=10 * len(splits)),
+        gxe.ExpectTableRowCountToEqual(value=NUM_CLASSES * len(splits)),
         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1),
         gxe.ExpectColumnValuesToBeBetween(
             column="share", min_value=params.min_class_share, max_value=1
@@ -199,8 +202,8 @@ def main() -> None:
     from pipelines.cli import StageError, base_parser
 
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--raw", default="data/dataset")
-    parser.add_argument("--out", default="data/validation")
+    parser.add_argument("--raw", required=True)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     all_params = load_params(args.params)
     data = load_raw(Path(args.raw), all_params.ingest.file_names)

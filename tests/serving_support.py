@@ -43,10 +43,10 @@ def publish_versions(store_dir, params, x_train, y_train, x_test, y_test):
 
     from pipelines import tracking
     from pipelines.data import write_json
-    from pipelines.evaluate import evaluate_probabilities
     from pipelines.export import run_export
     from pipelines.model import predict_probabilities
     from pipelines.register import register_model
+    from pipelines.scoring import evaluate_probabilities
 
     tracking.setup("serving-test")
     model = tiny_trained_model(x_train, y_train)

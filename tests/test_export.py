@@ -10,9 +10,15 @@ import pytest
 
 from pipelines.config import Params
 from pipelines.data import Dataset
-from pipelines.export import check, fold_batchnorm, representative_images, run_export
+from pipelines.export import (
+    check,
+    fold_batchnorm,
+    representative_images,
+    run_export,
+    split_report,
+)
 from pipelines.model import build_model, to_model_input
-from pipelines.runtime import FORMATS, load_predictor
+from pipelines.runtime import FORMATS, METRICS_FILES, PARITY_REPORT, SPEED_REPORT, load_predictor
 from tests.serving_support import SMALL_EXPORT, tiny_trained_model
 
 SMALL = SMALL_EXPORT
@@ -50,6 +56,53 @@ def test_writes_three_formats_that_agree_with_keras(exported):
         assert row["latency_1_ms"] > 0 and row["latency_batch_ms"] > 0
         assert row["batch_images_per_s"] > 0
     json.dumps(report)  # what the stage writes as parity.json
+
+
+def test_report_splits_into_a_verdict_timings_and_one_headline_per_format(exported):
+    # given the measured report
+    _, _, report, _ = exported
+    # when it is split into the stage's files
+    files = split_report(report)
+    # then the verdict holds no timing, the speed report every timing, the headlines two numbers
+    assert set(files) == {PARITY_REPORT, SPEED_REPORT, *METRICS_FILES.values()}
+    verdict, speed = files[PARITY_REPORT], files[SPEED_REPORT]
+    assert verdict["passed"] == report["passed"] and verdict["bars"] == report["bars"]
+    for name in FORMATS:
+        assert verdict["formats"][name]["passed"] == report["formats"][name]["passed"]
+        assert not {"latency_1_ms", "latency_batch_ms", "size_bytes"} & set(
+            verdict["formats"][name]
+        )
+        assert speed["formats"][name]["latency_1_ms"] == report["formats"][name]["latency_1_ms"]
+        assert files[METRICS_FILES[name]] == {
+            "accuracy": report["formats"][name]["accuracy"],
+            "agreement": report["formats"][name]["agreement"],
+        }
+    assert speed["fastest_single_image"] == report["fastest_single_image"]
+    assert "fastest_single_image" not in verdict
+    json.dumps(files)
+
+
+@pytest.mark.parametrize(
+    ("drop", "bar", "failed"),
+    [(0.003, 0.002, True), (0.003, 0.05, False), (0.30, 0.05, True)],
+    ids=["full-run-bar", "smoke-bar-weak-model", "smoke-bar-broken-export"],
+)
+def test_int8_bar_is_applied_as_set(params: Params, drop: float, bar: float, failed: bool) -> None:
+    # params.yaml's bar judges a full run; params.smoke.yaml's wider one still stops a broken export
+    export = params.export.model_copy(update={"max_int8_drop": bar})
+    row = {"accuracy": 0.77 - drop, "agreement": 0.9}
+    assert bool(check("model_int8.tflite", row, 0.77, export)) is failed
+
+
+def test_smoke_bars_are_wider_than_the_full_runs_and_still_bars(params: Params) -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    smoke = yaml.safe_load((REPO / "params.smoke.yaml").read_text())
+    assert params.export.max_int8_drop < smoke["export"]["max_int8_drop"] <= 0.05
+    assert 0.95 <= smoke["export"]["min_agreement"] < params.export.min_agreement
+    assert params.register.max_served_drop < smoke["register"]["max_served_drop"] <= 0.05
 
 
 def test_runtime_predicts_like_keras_for_one_image_and_a_batch(exported):

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from pipelines.config import ModelParams
-from pipelines.evaluate import confusion_matrix, most_confused_pairs
 from pipelines.insight import (
     as_model_input,
     calibration_table,
@@ -29,8 +28,10 @@ from pipelines.insight import (
     seeded_sample,
 )
 from pipelines.model import build_model, predict_probabilities, to_model_input
+from pipelines.scoring import confusion_matrix, most_confused_pairs
 
 EPSILONS = [0.0, 0.05, 0.1, 0.2, 0.3]
+BATCH = 64  # images per gradient pass in these tests
 
 
 def oriented_strokes(n: int, seed: int, classes: int = 4, length: float = 10.0):
@@ -118,7 +119,7 @@ def test_grad_cam_of_an_ink_detector_is_the_ink() -> None:
     # given a network whose last conv map is the image and whose digit 0 sums the ink
     images = oriented_strokes(6, seed=1)[0]
     # when
-    heat = grad_cam(ink_detector(), images)
+    heat = grad_cam(ink_detector(), images, BATCH)
     # then the heatmap is exactly the image, scaled to a peak of 1
     expected = images / images.max(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(heat, expected, atol=1e-6)
@@ -126,23 +127,21 @@ def test_grad_cam_of_an_ink_detector_is_the_ink() -> None:
 
 def test_grad_cam_shape_range_and_default_layer(trained) -> None:
     model, images, _ = trained
-    heat = grad_cam(model, images[:10])
+    heat = grad_cam(model, images[:10], BATCH)
     assert last_conv_layer(model) == "conv2"
     assert heat.shape == (10, 28, 28) and heat.dtype == np.float32
     assert np.isfinite(heat).all()
     assert heat.min() >= 0.0 and heat.max() <= 1.0
     assert np.allclose(heat.max(axis=(1, 2)), 1.0)  # each map is scaled to its own peak
     # the same maps from the model input (float, with the channel axis), batch by batch
-    np.testing.assert_allclose(
-        grad_cam(model, to_model_input(images[:10]), batch_size=3), heat, atol=1e-5
-    )
+    np.testing.assert_allclose(grad_cam(model, to_model_input(images[:10]), 3), heat, atol=1e-5)
 
 
 def test_grad_cam_concentrates_on_the_ink_of_a_trained_model(trained) -> None:
     # given a model that tells stroke orientations apart, wherever the stroke is
     model, images, _ = trained
     # when
-    heat = grad_cam(model, images)
+    heat = grad_cam(model, images, BATCH)
     # then its heat lies on the ink, image by image (0.92 and 3.6 with this seed)
     share, ratio = ink_check(heat, images)
     assert share >= 0.75 and ratio >= 2.0, (share, ratio)
@@ -160,10 +159,12 @@ def test_grad_cam_works_on_a_model_loaded_from_keras_file(trained, tmp_path: Pat
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     # then the loaded copy gives the same heatmaps, on any named conv layer
-    np.testing.assert_allclose(grad_cam(loaded, images[:8]), grad_cam(model, images[:8]), atol=1e-5)
-    assert grad_cam(loaded, images[:8], layer_name="conv1").shape == (8, 28, 28)
+    np.testing.assert_allclose(
+        grad_cam(loaded, images[:8], BATCH), grad_cam(model, images[:8], BATCH), atol=1e-5
+    )
+    assert grad_cam(loaded, images[:8], BATCH, layer_name="conv1").shape == (8, 28, 28)
     with pytest.raises(ValueError, match="no layer 'conv9'"):
-        grad_cam(loaded, images[:2], layer_name="conv9")
+        grad_cam(loaded, images[:2], BATCH, layer_name="conv9")
 
 
 def test_overlay_grid_writes_one_png(trained, tmp_path: Path) -> None:
@@ -172,7 +173,7 @@ def test_overlay_grid_writes_one_png(trained, tmp_path: Path) -> None:
     path = tmp_path / "gradcam.png"
     overlay_grid(
         images[:12],
-        grad_cam(model, images[:12]),
+        grad_cam(model, images[:12], BATCH),
         labels[:12],
         probs.argmax(axis=1),
         probs.max(axis=1),
@@ -291,7 +292,7 @@ def test_fgsm_examples_stay_within_epsilon_and_the_pixel_range(trained) -> None:
 def test_fgsm_refuses_mismatched_labels_and_unscaled_floats(trained) -> None:
     model, images, labels = trained
     with pytest.raises(ValueError, match="expected 10 labels"):
-        fgsm(model, images[:10], labels[:9], [0.1])
+        fgsm(model, images[:10], labels[:9], [0.1], BATCH)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         as_model_input(images.astype(np.float32))  # 0-255 floats are not the model's input
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.evaluate import evaluate_probabilities
 from pipelines.insight import calibration_table, error_groups, most_confident_errors
 from pipelines.report import EXAMPLES_PER_PAIR, ReportInputs, render_off_notice, render_report
+from pipelines.scoring import evaluate_probabilities
 from tests.browser import headless_chromium, needs_chromium
 from tests.conftest import make_arrays
 
