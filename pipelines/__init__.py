@@ -3,7 +3,7 @@
 import os
 
 # oneDNN's CPU kernels for TensorFlow. TF switches them on by default only on CPUs with AVX512-VNNI,
-# AVX512-BF16 or AMX (this project's 2-core AMD EPYC VM has the first two, so they are on here anyway);
-# this keeps them on elsewhere too. They made our training step ~1.46x faster (benchmarks/speed.py).
+# AVX512-BF16 or AMX; this keeps them on elsewhere too, where they make the training step faster
+# (benchmarks/speed.py; docs/results/2026-11-24-training-speed-before-input-fix.md).
 # Set before TensorFlow is imported; an explicit TF_ENABLE_ONEDNN_OPTS=0 in the environment wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

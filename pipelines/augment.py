@@ -2,9 +2,8 @@
 
 Train applies the policy on the fly, as the first layers of the graph it fits (fresh variants every
 epoch; ``pipelines.train.train_model``). The layers also work in a tf.data map, off the training
-graph, but on these 2 cores that was not faster: 0.97x in one side-by-side measurement (seed
-model, 25,600 images, median of 5 interleaved epochs each), as the input thread competed with the
-training ops. This stage owns the policy so that it is visible, versioned and previewable on its own.
+graph, but on two cores that was not faster, as the input thread competed with the training ops
+(docs/results/2026-11-24-augment-modes.md). This stage owns the policy so that it is visible, versioned and previewable on its own.
 benchmarks/augment_modes.py measures the alternative (precomputed variants) against it.
 """
 
@@ -123,8 +122,7 @@ def build_augmenter(params: AugmentParams, seed: int | None = None) -> keras.Seq
     layers: list[keras.layers.Layer] = []
 
     def layer_seed() -> int | None:
-        # Each random layer needs its own seed: with one shared seed they draw the same numbers
-        # (measured: correlation 1.0 between layers).
+        # Each random layer needs its own seed: with one shared seed they draw the same numbers.
         return None if seed is None else seed + len(layers)
 
     if params.enabled:

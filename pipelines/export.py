@@ -44,8 +44,8 @@ def fold_batchnorm(model):
     In this network BatchNorm follows the ReLU, so it cannot fold into its own convolution; it is a
     per-channel ``a * x + c`` that the next layer's weights absorb instead (kernel scaled by ``a``
     on its input channels, ``c`` pushed through the kernel into the bias). Left alone, full-integer
-    quantisation stores each BatchNorm's output as one int8 tensor per layer, offsets included:
-    run M's 48/128/256 model lost 1.39 points of test accuracy that way, and none folded.
+    quantisation stores each BatchNorm's output as one int8 tensor per layer, offsets included,
+    and int8 loses far more than its bar (docs/results/2026-11-24-export-run-m.md).
 
     A BatchNorm is folded only where that is exact: through MaxPooling2D only if every ``a`` is
     positive (max commutes with a positive scale), through Flatten and Dropout (inference: the

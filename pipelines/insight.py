@@ -312,8 +312,8 @@ def fgsm(
 
     The gradient is taken once per batch and reused for every epsilon; eps is on the [0, 1]
     pixel scale. The loss is the cross-entropy of the logits (``pipelines.adversarial``). The batch
-    step is a tf.function: about twice as fast as eager on CPU, for ~0.4 s of tracing per call
-    (autograph off: the step has no Python control flow to convert, and converting cost 0.25 s).
+    step is a tf.function, faster than eager on CPU for the price of one tracing per call
+    (autograph off: the step has no Python control flow to convert).
     """
     import tensorflow as tf
 

@@ -35,8 +35,9 @@ def compute_dtype(precision: str) -> str:
 
     ``float32``: everything in float32. ``bfloat16``: Keras' ``mixed_bfloat16`` (convolutions,
     matrix products and BatchNorm in bfloat16; weights, optimiser, loss and the softmax in
-    float32). ``auto``: ``mixed_bfloat16`` on a CPU with native bfloat16 (measured 1.3-1.5x per
-    training step here), ``float32`` otherwise, GPUs included (no GPU figures yet).
+    float32). ``auto``: ``mixed_bfloat16`` on a CPU with native bfloat16, where it makes the training
+    step faster (docs/results/2026-11-24-training-speed-float32.md), ``float32`` otherwise, GPUs
+    included (not measured on a GPU yet).
     """
     if precision == "float32":
         return "float32"

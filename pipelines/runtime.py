@@ -96,7 +96,7 @@ class TFLitePredictor:
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = _checked(images, keep_pixels=self.pixels_in)
         if self.quantised_in and images.dtype == np.float32:
-            # in place on a new array: few numpy calls, ~1 µs each on one image
+            # in place on a new array: as few numpy calls as possible, as each has a fixed cost
             scaled = images * self.in_scale
             if self.in_zero:
                 scaled += self.in_zero

@@ -69,9 +69,9 @@ def make_dataset(
 
     tf.data's autotuner is switched off. Its model thread belongs to each iterator, and Keras
     creates a spare iterator at the end of every epoch and drops it at the start of the next: the
-    drop waits for that thread's optimisation pass. Measured here (py-spy: the main thread blocked
-    in ``RootDataset::Iterator::~Iterator``): a stall of 0.9-1.3 s in about half the epochs, on a
-    pipeline that needs no tuning (a cast and a scale per batch, two batches ahead).
+    drop waits for that thread's optimisation pass (py-spy: the main thread blocked in
+    ``RootDataset::Iterator::~Iterator``; docs/results/2026-11-24-input-stalls.md), on a pipeline
+    that needs no tuning (a cast and a scale per batch, two batches ahead).
     """
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
     if shuffle_seed is not None:
@@ -89,7 +89,7 @@ class EpochDecay(keras.callbacks.Callback):
 
     It scales whatever rate the optimiser has, so ReduceLROnPlateau's cuts compound with it
     (keras' LearningRateScheduler would overwrite them). Without it, a noisy val_loss kept
-    resetting the plateau counter and the rate barely decayed (measured: 99.13% test accuracy).
+    resetting the plateau counter and the rate barely decayed.
     """
 
     def __init__(self, factor: float):
@@ -106,8 +106,8 @@ class BatchNormCalibrator:
     """Sets each BatchNormalization's moving mean and variance to the exact statistics of clean images.
 
     Training sees augmented digits, so BatchNorm's moving statistics describe augmented inputs,
-    while evaluation and serving see clean ones ("precise BN", Wu & Johnson 2021). Measured on
-    the full run: test accuracy 99.19% -> 99.39% from this step alone, same weights.
+    while evaluation and serving see clean ones ("precise BN", Wu & Johnson 2021); the gain is on
+    docs/results/2026-11-24-accuracy-history.md.
 
     The statistics are those of the model as served, in float32: a model that trains in
     ``mixed_bfloat16`` is measured through a float32 twin that gets its current weights. The
