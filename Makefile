@@ -15,7 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint format ui up down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate clean-smoke
+.PHONY: help install run flow smoke test lint docs format ui up down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate clean-smoke
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,12 +37,15 @@ flow: $(STAMP) ## the same pipeline as the Prefect flow 'mnist-training' (epheme
 smoke: $(STAMP) ## the whole pipeline on ~2,000 images for 1 epoch, in a scratch copy (.smoke/)
 	$(BIN)/python -m flows.scratch --dest .smoke
 
-test: $(STAMP) ## run the test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP) ## run the test suite (PYTEST_ARGS="-m e2e" and the like pick a part)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+docs: $(STAMP) ## build the documentation site into site/ (MkDocs, strict: a broken link fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
