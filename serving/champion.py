@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.constants import INPUT_SHAPE, NUM_CLASSES
 from pipelines.runtime import Predictor, load_registered
 
 log = logging.getLogger("serving.champion")
@@ -85,10 +86,12 @@ class Champion:
                 predictor = load_registered(
                     self.model_name, version.version, self.file_name, target, self.threads
                 )
-                predictor.predict(np.zeros((1, 28, 28, 1), dtype=np.float32))  # warm up
-                probs = predictor.predict(np.zeros((2, 28, 28, 1), dtype=np.float32))
-                if probs.shape != (2, 10) or not np.isfinite(probs).all():
-                    raise ValueError(f"predicts shape {probs.shape}, expected (2, 10) finite")
+                predictor.predict(np.zeros((1, *INPUT_SHAPE), dtype=np.float32))  # warm up
+                probs = predictor.predict(np.zeros((2, *INPUT_SHAPE), dtype=np.float32))
+                if probs.shape != (2, NUM_CLASSES) or not np.isfinite(probs).all():
+                    raise ValueError(
+                        f"predicts shape {probs.shape}, expected {(2, NUM_CLASSES)} finite"
+                    )
             except Exception as exc:
                 shutil.rmtree(target, ignore_errors=True)
                 return self._failed(

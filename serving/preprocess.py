@@ -13,7 +13,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-FRAME = 28  # output side
+from pipelines.constants import IMAGE_SIDE
+
+FRAME = IMAGE_SIDE  # output side
 BOX = 20  # the digit's longest side after scaling
 INK_THRESHOLD = 0.2  # share of the ink range above which a pixel counts as ink for cropping
 MIN_CONTRAST = 0.1  # an image whose ink and paper differ by less than this is blank
@@ -93,7 +95,7 @@ def mnist_digit(image: Image.Image | np.ndarray) -> np.ndarray:
     grid_r, grid_c = np.indices(digit.shape)
     centre_r = (grid_r * digit).sum() / total
     centre_c = (grid_c * digit).sum() / total
-    # Top-left corner that puts the centre of mass at (14, 14), kept inside the frame.
+    # Top-left corner that puts the centre of mass at the frame's centre, kept inside the frame.
     top = int(np.clip(round(FRAME / 2 - centre_r), 0, FRAME - digit.shape[0]))
     left = int(np.clip(round(FRAME / 2 - centre_c), 0, FRAME - digit.shape[1]))
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)

@@ -5,17 +5,18 @@ accepts from it. Two things about that socket are fixed here:
 
 - **Nagle's algorithm.** uvicorn binds the socket with protocol 0, so asyncio does not set
   TCP_NODELAY on the connections it accepts: each response then waits for the client's delayed
-  ACK, and every request on a kept-alive connection takes 40 ms or more. The socket is rebuilt
-  from its descriptor so that it reports TCP.
+  ACK, a timer far longer than the request itself, on every request of a kept-alive connection.
+  The socket is rebuilt from its descriptor so that it reports TCP.
 - **Balance.** asyncio accepts up to 100 waiting connections each time the socket wakes a worker,
-  so the first worker to wake takes a whole burst: 32 clients that connect at once all landed on
-  one of two workers (or 29 and 3), and one core served them while the other idled.
+  so the first worker to wake takes a whole burst: clients that connect at once nearly all land
+  on one worker, and one core serves them while the others idle (see
+  docs/results/2026-11-24-serving-load-unbalanced.md).
   ``BalancedListener`` accepts for a worker only while no live worker holds fewer open
   connections, so a burst of connections is spread evenly (least connections, as a load balancer
   would). A worker that holds more waits for a less loaded one to take the connection, for at most
   ``max_defer_s``, then takes it itself, so a stuck or busy worker cannot stall new connections.
   The workers run asyncio's own event loop: uvloop (which uvicorn picks when it is installed)
-  accepts in C and would bypass ``accept`` here (with it, 32 connections split 20/12 and 17/15).
+  accepts in C and would bypass ``accept`` here, leaving the bursts unevenly split again.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Helpers shared by the export, register and serving tests: a small trained model and a
-registry holding versions with real exports."""
+"""Helpers shared by the export, register and serving tests: a small trained model, a registry
+holding versions with real exports, and request bodies for the server."""
 
 from __future__ import annotations
+
+import json
 
 import keras
 import numpy as np
@@ -78,3 +80,21 @@ def publish_versions(store_dir, params, x_train, y_train, x_test, y_test):
         )
     assert [r["alias"] for r in records] == ["champion", "challenger", None], records
     return model, out
+
+
+def body(images) -> dict:
+    """A predict request's JSON body for ``images``."""
+    return {"instances": np.asarray(images).tolist()}
+
+
+GOOD = np.zeros((28, 28)).tolist()
+
+
+# 28 rows of 28 elements and 784 numbers in all, but row 0 holds arrays: flattening hides it
+HIDDEN_NESTING = [[[], [1, 2]] + [0] * 26] + [[0] * 28] * 27
+
+
+def with_first_pixel(token: str) -> str:
+    """A one-image JSON body whose first pixel is ``token`` (NaN, Infinity: Python's json accepts
+    them, so the server must check)."""
+    return json.dumps({"instances": [GOOD]}).replace("0.0", token, 1)

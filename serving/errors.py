@@ -1,0 +1,43 @@
+"""The API's one error format, ``{"error": "<field>: <message>", "field": "<field>"}``: what
+every refusal says, whether the request parsing, a route, the size limit or FastAPI refuses it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class InputError(ValueError):
+    """A request the server refuses: status, the field at fault, and why."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def error(status: int, field: str, message: str) -> JSONResponse:
+    """A refusal in the API's error format."""
+    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer InputError, Starlette's HTTP errors and FastAPI's validation errors in that format."""
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return error(exc.status, exc.field, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(
+        request: Request, exc: StarletteHTTPException
+    ):  # 404, 405, 413 while streaming
+        field = getattr(exc, "field", "request")
+        return error(exc.status_code, field, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
+        return error(422, field or "body", first["msg"])

@@ -1,0 +1,73 @@
+"""The request size limit: an ASGI middleware that refuses a body over its limit with a 413 before
+the body is read, so an oversized upload costs the server neither the memory nor the time."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import error
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over its limit, before the body is read.
+
+    A declared Content-Length over the limit is refused at once; a body without one (chunked) is
+    counted as it streams and refused when it passes the limit. Uploads (``upload_path``) and
+    JSON bodies have their own limits.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int, upload_path: str
+    ) -> None:
+        self.app, self.max_body, self.max_upload = app, max_body_bytes, max_upload_bytes
+        self.upload_path = upload_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, counting its body when no Content-Length declares it."""
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        upload = scope["path"] == self.upload_path
+        limit, field = (self.max_upload, "file") if upload else (self.max_body, "body")
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                return await self._refuse(send, field, int(declared), limit)
+            # The HTTP parser delivers exactly the declared length, no more: nothing to count.
+            return await self.app(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise TooLarge(field, seen, limit)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except TooLarge:  # raised where no handler turned it into a response
+            if not started:
+                await self._refuse(send, field, seen, limit)
+
+    @staticmethod
+    async def _refuse(send: Send, field: str, size: int, limit: int) -> None:
+        response = error(413, field, TooLarge(field, size, limit).detail)
+        await response({"type": "http"}, None, send)
+
+
+class TooLarge(HTTPException):
+    """A streamed body passed its limit (an HTTPException, so FastAPI's body parsing re-raises it
+    as it is instead of turning it into a 400)."""
+
+    def __init__(self, field: str, size: int, limit: int):
+        super().__init__(413, f"is {size:,} bytes or more; the limit is {limit:,} bytes")
+        self.field = field

@@ -1,0 +1,172 @@
+"""The API's routes, answering with whatever model a Champion holds at the time of each request.
+
+The handlers' names and docstrings are the OpenAPI document's operation ids, summaries and
+descriptions: renaming or rewording one changes the served document.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from pipelines.config import ServeParams
+from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
+from pipelines.merge import save_incoming
+from serving.champion import Champion, Loaded
+from serving.errors import InputError
+from serving.parsing import parse_instances, read_image, read_upload
+
+log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
+STATIC = Path(__file__).parent / "static"
+IMAGE_PATH = "/predict/image"  # uploads: the size limit gives them their own, larger limit
+SIDE = f"{IMAGE_SIDE}x{IMAGE_SIDE}"  # how the API's descriptions name an image's shape
+
+
+class Correction(BaseModel):
+    """The page's "correct this prediction": the digit the model saw and its right label."""
+
+    image: list = Field(
+        description=f"{SIDE} numbers, 0-255 or 0-1, light ink on dark: the `input` that "
+        "POST /predict/image returned"
+    )
+    label: int = Field(ge=0, le=NUM_CLASSES - 1, description="the digit it really is")
+
+
+def json_response(payload: dict) -> Response:
+    """JSON straight from orjson (numpy arrays included): FastAPI's encoder walks every float."""
+    return Response(
+        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
+    )
+
+
+def instances_body(max_batch: int) -> dict[str, Any]:
+    """The OpenAPI request body of the predict endpoints, which read their bodies themselves."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {
+                            "instances": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": max_batch,
+                                "description": f"Images, each {SIDE} (or {SIDE}x1) numbers: 0-1 "
+                                "floats, or 0-255 (an image whose largest value is above 1 is "
+                                "read as 0-255). White ink on black, as in MNIST.",
+                                "items": {"type": "array", "items": {"type": "array"}},
+                            }
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+
+def add_routes(
+    app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, incoming_dir: Path
+) -> None:
+    """Add the API's routes to ``app``, each reading ``champion.current`` when it answers."""
+    # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
+    # more route to match through on every request.
+
+    def served() -> Loaded:
+        loaded = champion.current
+        if loaded is None:
+            raise InputError(503, "model", f"no model loaded ({champion.last_error})")
+        return loaded
+
+    body = instances_body(serve.max_batch)
+
+    @app.post(f"/v1/models/{model_name}:predict", openapi_extra=body)
+    async def tf_serving_predict(request: Request) -> Response:
+        """TensorFlow Serving's REST predict API, row format: ``{"predictions": [[10 probs]]}``."""
+        images = parse_instances(await request.body(), serve.max_batch)
+        return json_response({"predictions": served().predictor.predict(images)})
+
+    @app.post("/predict", openapi_extra=body)
+    async def predict(request: Request) -> Response:
+        """Digit and probabilities per image, and the model version that answered."""
+        images = parse_instances(await request.body(), serve.max_batch)
+        loaded = served()
+        probs = loaded.predictor.predict(images)
+        digits = probs.argmax(axis=1).tolist()
+        return json_response(
+            {
+                "model_version": loaded.version,
+                "predictions": [
+                    {"digit": d, "probabilities": row} for d, row in zip(digits, probs, strict=True)
+                ],
+            }
+        )
+
+    @app.post(IMAGE_PATH)
+    async def predict_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+        """A PNG or JPEG of one handwritten digit, any size, dark on light or light on dark."""
+        digit = read_upload(await file.read())
+        loaded = served()
+        probs = loaded.predictor.predict(digit[None, ..., None])[0]  # uint8 pixels
+        return {
+            "model_version": loaded.version,
+            "digit": int(probs.argmax()),
+            "probabilities": probs.tolist(),
+            "input": digit.tolist(),  # the 28x28 the model saw
+        }
+
+    @app.post("/feedback", status_code=201)
+    async def feedback(correction: Correction) -> dict[str, Any]:
+        """Save a corrected digit as ``data/incoming/<label>/*.png``: the next training run's merge
+        stage checks it and adds it to the training set."""
+        if not serve.feedback:
+            raise InputError(403, "feedback", "is switched off here (serve.feedback: false)")
+        image = read_image(correction.image, "image")
+        digit = np.round(image * 255).astype(np.uint8)
+        path = save_incoming(digit, correction.label, incoming_dir)
+        log.info("correction saved: %s", path)
+        return {
+            "saved": str(path),
+            "label": correction.label,
+            "note": "joins the training set at the next training run (merge stage)",
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """200 once a model is loaded; 503 with the reason before."""
+        if champion.current is None:
+            return JSONResponse({"ready": False, "reason": champion.last_error}, status_code=503)
+        return {"ready": True, "version": champion.current.version}
+
+    @app.get("/model")
+    async def model_info() -> dict[str, Any]:
+        """Name, version, alias, metrics and load time of the served model."""
+        loaded = served()
+        return {
+            "name": loaded.name,
+            "version": loaded.version,
+            "alias": loaded.alias,
+            "format": loaded.format,
+            "run_id": loaded.run_id,
+            "metrics": loaded.metrics,
+            "loaded_at": loaded.loaded_at,
+            "last_reload_error": champion.last_error,
+        }
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
