@@ -14,5 +14,6 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     (the project's .venv), even when the caller did not activate it.
     """
     env = {**os.environ, **(extra or {})}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # With no PATH at all, "bin:" would put the current folder on it: keep only ours then.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     return env

@@ -42,6 +42,9 @@ def make_scratch_copy(src: Path, dest: Path, overrides: Path | None = None) -> P
     """Copy the project to ``dest`` (replacing it) and merge ``overrides`` into its params.yaml."""
     src, dest = Path(src).resolve(), Path(dest).resolve()
     overrides = Path(overrides) if overrides else src / SMOKE_OVERRIDES
+    merged = deep_merge(read_yaml(src / "params.yaml"), read_yaml(overrides))
+    # Fail here, before an earlier copy is replaced, not three stages in.
+    parse_params(merged, source=f"params.yaml + {overrides.name}")
     if dest.exists():
         shutil.rmtree(dest)
     for rel in tracked_files(src):
@@ -57,8 +60,6 @@ def make_scratch_copy(src: Path, dest: Path, overrides: Path | None = None) -> P
         shutil.copy2(src / rel, dest / rel)
     (dest / "data").mkdir(exist_ok=True)
     (dest / "mlruns").mkdir(exist_ok=True)
-    merged = deep_merge(read_yaml(src / "params.yaml"), read_yaml(overrides))
-    parse_params(merged, source=f"params.yaml + {overrides.name}")  # fail here, not three stages in
     (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     # The copy is not a git repo: tell DVC so, and drop the original's lock (it is for the full data).
     (dest / "dvc.lock").unlink(missing_ok=True)

@@ -56,3 +56,9 @@ def test_building_it_leaves_this_processs_environment_alone(monkeypatch):
     stage_env({"TF_CPP_MIN_LOG_LEVEL": "3"})
     assert dict(os.environ) == before
     assert stage_env()["PATH"] == stage_env()["PATH"]  # no growth from one call to the next
+
+
+def test_without_any_path_only_our_bin_folder_is_on_it(monkeypatch):
+    # an empty entry would mean the current folder: it must not appear
+    monkeypatch.delenv("PATH", raising=False)
+    assert stage_env()["PATH"] == BIN

@@ -127,6 +127,21 @@ def test_a_bad_override_is_refused_naming_the_files_and_the_setting(tmp_path):
     assert "train.epochs" in message and "(found 0)" in message
 
 
+def test_a_bad_override_leaves_an_earlier_copy_as_it_was(tmp_path):
+    # given a good copy from an earlier run
+    src = project(tmp_path / "src", git=False)
+    dest = make_scratch_copy(src, tmp_path / "copy", overrides(tmp_path / "o.yaml", {}))
+    (dest / "data/model").mkdir(parents=True)
+    (dest / "data/model/model.keras").write_text("from an earlier run")
+    before = (dest / "params.yaml").read_text()
+    # when a bad override is refused
+    with pytest.raises(ParamsError):
+        make_scratch_copy(src, dest, overrides(tmp_path / "bad.yaml", {"train": {"epochs": 0}}))
+    # then the earlier copy is untouched: nothing half-written
+    assert (dest / "data/model/model.keras").read_text() == "from an earlier run"
+    assert (dest / "params.yaml").read_text() == before
+
+
 def test_a_missing_override_file_is_named(tmp_path):
     src = project(tmp_path / "src", git=False)
     missing = tmp_path / "nowhere.yaml"
