@@ -38,7 +38,7 @@ smoke: $(STAMP) ## the whole pipeline on ~2,000 images for 1 epoch, in a scratch
 	$(BIN)/python -m flows.scratch --dest .smoke
 
 test: $(STAMP) ## run the test suite (PYTEST_ARGS="-m e2e" and the like pick a part)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
@@ -59,10 +59,10 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 up: $(STAMP) ## Prefect (:$(PREFECT_PORT)) and MLflow (:$(MLFLOW_PORT)) servers and the deployments, in the background
 	$(SERVERS) up
 
-down: ## stop what `make up` started (the pids in .run/), waiting for each to exit
+down: ## stop what `make up` started (its supervisord in .run/ too), waiting for each to exit; the data stays
 	$(SERVERS) down
 
-status: ## is each process of `make up` running, and does it answer?
+status: ## each process of `make up`: its state, pid and uptime, and does it answer?
 	$(SERVERS) status
 
 serve: $(STAMP) ## REST API + drawing page for models:/mnist-classifier@champion on http://127.0.0.1:$${PORT:-8000}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,8 @@ import psutil
 import pytest
 import yaml
 
-from flows.servers import (
-    DEPLOYMENTS,
-    Layout,
-    alive,
-    cancel_runs_in_progress,
-    down,
-    status,
-    up,
-)
+from flows.servers import DEPLOYMENTS, Layout, cancel_runs_in_progress, down, status, up
+from flows.supervise import alive
 from flows.training import (
     LOCK_FILE,
     SKIPPED_EXIT,
@@ -44,6 +36,7 @@ from flows.training import (
 )
 from pipelines.config import ParamsError, load_params
 from tests.e2e_support import scratch_repo
+from tests.test_servers import free_port
 
 FLOW_RUN_TIMEOUT_S = 900  # one smoke training takes ~2 min here (two cores)
 DEPLOYMENT_LIMIT_MESSAGE = "Deployment concurrency limit reached."  # Prefect's CANCEL_NEW message
@@ -172,18 +165,12 @@ def test_deployments_follow_params_yaml():
 # --- real servers -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def processes_of(layout: Layout) -> list[psutil.Process]:
     """Every live process started for ``layout``: they all carry its PREFECT_API_URL."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get("PREFECT_API_URL") == layout.prefect_api and alive(proc.pid):
+            if proc.environ().get("PREFECT_API_URL") == layout.prefect_api and alive(proc):
                 found.append(proc)
         except psutil.Error:
             continue
@@ -206,11 +193,14 @@ def servers(tmp_path_factory) -> Iterator[Layout]:
         up(layout, timeout_s=240)
         yield layout
     finally:
-        down(layout)
-        leftovers = processes_of(layout)
-        for proc in leftovers:  # never leave one behind, but fail the test that caused it
-            proc.kill()
+        try:
+            down(layout)
+        finally:
+            leftovers = processes_of(layout)
+            for proc in leftovers:  # never leave one behind, but fail the test that caused it
+                proc.kill()
         assert not leftovers, f"still running after down: {[p.cmdline() for p in leftovers]}"
+        assert layout.supervisor().pid() is None, "supervisord still answers after down"
 
 
 @contextmanager
@@ -309,7 +299,7 @@ def test_up_again_starts_no_duplicates(servers, capsys):
     before = {p.pid for p in processes_of(servers)}
     pids = up(servers)
     out = capsys.readouterr().out
-    assert out.count("already running") == 3, out
+    assert out.count("already running") == 4, out  # supervisord and its three programs
     assert {p.pid for p in processes_of(servers)} == before
     assert set(pids.values()) <= before
     assert status(servers)
