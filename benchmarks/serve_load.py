@@ -11,9 +11,9 @@ its next request when the last is answered), for at most ``--seconds`` and ``--m
 server and setting, on 127.0.0.1 only; the servers are started here and stopped at the end. Both
 servers run from the start, each setting opens its connections to both once, and its time is cut
 into ``--rounds`` paired slices, CONSTANT and PREDICT in turn (the other's connections idle), so
-that both see the same machine: this VM's speed drifts by 20-30% within a minute. Measured one
-after the other, 10 s each, three runs of one version of the server gave shares of 0.43, 0.54 and
-0.61; paired, three runs each of two versions gave 0.485-0.496 and 0.526-0.558.
+that both see the same machine: a VM's speed drifts within a minute, and measured one after the
+other the share moved more than any change of the server did
+(docs/results/2026-11-25-serving-load.md).
 Printed: p50 and p99 latency over all slices, requests per second, how many of the connections
 each server process held (a uvicorn worker that takes them all leaves the other core idle), and
 PREDICT's share of CONSTANT's requests per second: the median of the rounds' shares, and their
@@ -81,8 +81,8 @@ class _Client(asyncio.Protocol):
     again as soon as each answer is complete; between runs it stays open, idle.
 
     A bare protocol, not asyncio streams: the next request is written from ``data_received``
-    itself, so the client takes less of the cores it shares with the server (67-74 µs of CPU per
-    request at 32 clients, against 93-119 µs with asyncio streams, measured side by side)."""
+    itself, so the client takes less of the cores it shares with the server than asyncio streams
+    would (docs/results/2026-11-24-serving-load-32-96-192.md)."""
 
     def __init__(self):
         self.run: _Run | None = None

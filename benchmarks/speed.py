@@ -14,8 +14,8 @@ Throughput is training images per epoch times epochs over the summed epoch wall 
 and every callback included). Printed: the median of the repeats per mode, its ratio to the seed
 recipe, each mode's test accuracy, and the same throughput without the time each epoch spent
 before its first batch. In the seed recipe that wait is Keras dropping a spare tf.data iterator
-whose autotuning thread is busy: 1-20 s in about half the epochs on this machine (the project
-switches the autotuner off; see pipelines.train.make_dataset).
+whose autotuning thread is busy (docs/results/2026-11-24-input-stalls.md; the project switches
+the autotuner off: pipelines.train.make_dataset).
 
     python -m benchmarks.speed                      # full data, 3 epochs, 3 repeats (~15 min here)
     python -m benchmarks.speed --images 12000       # a seeded slice: per-epoch costs weigh more
