@@ -64,3 +64,44 @@ def test_the_check_names_a_missing_and_a_needless_module():
         "validate": {"missing": ["pipelines/tracking.py"], "not run": []},
         "register": {"missing": [], "not run": ["pipelines/insight.py"]},
     }
+
+
+def changed(value):
+    """Another value of the same kind, for probing which settings a hash reads."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value / 2 if value else 1
+    if isinstance(value, str):
+        return {"auto": "float32", "float32": "bfloat16", "bfloat16": "float32"}.get(
+            value, value + "x"
+        )
+    raise TypeError(f"no probe for {value!r}")
+
+
+def test_tune_depends_on_exactly_the_train_settings_a_trial_uses(params):
+    """The recipe a trial tunes is what the study's key reads of ``train`` (``study_key``); the
+    rest of ``train`` is the final run's schedule (epochs, max_images, early stopping, weight
+    averaging). dvc.yaml's tune stage must list exactly the recipe: a setting it misses would not
+    rerun tune when it changes, one it lists needlessly would rerun tune for nothing."""
+    from pipelines.tune import study_key
+
+    source = {"files": {"a.gz": "0" * 64}}
+    base = study_key(params, source)
+    recipe = set()
+    for field, value in params.train.model_dump().items():
+        if isinstance(value, dict):  # a section (the model): probe one of its settings
+            inner, inner_value = next(iter(value.items()))
+            probe = getattr(params.train, field).model_copy(update={inner: changed(inner_value)})
+        else:
+            probe = changed(value)
+        probed = params.model_copy(update={"train": params.train.model_copy(update={field: probe})})
+        if study_key(probed, source) != base:
+            recipe.add(f"train.{field}")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    listed = {p for p in stages["tune"]["params"] if isinstance(p, str) and p.startswith("train.")}
+    assert recipe == listed, {
+        "not listed": sorted(recipe - listed),
+        "needless": sorted(listed - recipe),
+    }
+    assert {"train.epochs", "train.max_images"}.isdisjoint(recipe)  # the schedule is train's alone
