@@ -38,7 +38,7 @@ from pipelines.config import ParamsError, load_params
 from tests.e2e_support import scratch_repo
 from tests.test_servers import free_port
 
-FLOW_RUN_TIMEOUT_S = 900  # one smoke training takes ~2 min here (two cores)
+FLOW_RUN_TIMEOUT_S = 900  # several smoke trainings, with room for a slow machine
 DEPLOYMENT_LIMIT_MESSAGE = "Deployment concurrency limit reached."  # Prefect's CANCEL_NEW message
 
 

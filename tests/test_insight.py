@@ -67,8 +67,8 @@ def trained() -> tuple[keras.Model, np.ndarray, np.ndarray]:
     )
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
     model.fit(to_model_input(x_train), y_train, epochs=5, batch_size=32, verbose=0)
-    # Five epochs leave BatchNorm's moving statistics far from the data (19% in inference mode
-    # on the training images themselves); the training stage recomputes them the same way.
+    # Five epochs leave BatchNorm's moving statistics far from the data (inference mode scores
+    # poorly on the training images themselves); the training stage recomputes them the same way.
     recalibrate_batchnorm(model, x_train)
     accuracy = (predict_probabilities(model, x_test, 100).argmax(axis=1) == y_test).mean()
     assert accuracy >= 0.95, f"the fixture model did not learn the strokes: {accuracy:.2f}"

@@ -118,7 +118,7 @@ def test_make_dataset_shuffles_reproducibly(tiny_dataset: Dataset) -> None:
 
 
 def test_make_dataset_runs_without_the_tf_data_autotuner(tiny_dataset: Dataset) -> None:
-    # The autotuner's thread made Keras stall 1-19 s at the start of about half the epochs
+    # The autotuner's thread made Keras stall at the start of about half the epochs
     # (make_dataset's docstring); both the training and the validation pipeline must run without it.
     images, labels = tiny_dataset.x_train[:40], tiny_dataset.y_train[:40]
     for shuffle_seed in (None, 0):
@@ -178,7 +178,7 @@ def test_batchnorm_calibration_of_a_bfloat16_model_is_that_of_its_float32_copy()
     recalibrate_batchnorm(mixed, images, batch_size=128)
     recalibrate_batchnorm(plain, images, batch_size=128)
     # then the mixed model gets exactly the float32 model's statistics (the model as served),
-    # not statistics of its bfloat16 activations (those differ by bfloat16's rounding, ~0.4%)
+    # not statistics of its bfloat16 activations (those differ by bfloat16's rounding)
     for name in ("bn1", "bn2"):
         for stat in ("moving_mean", "moving_variance"):
             ours = keras.ops.convert_to_numpy(getattr(mixed.get_layer(name), stat))
