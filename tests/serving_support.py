@@ -14,8 +14,12 @@ from pipelines.model import build_model, to_model_input
 # The export stage's settings, with few latency calls: parity is what the tests check.
 SMALL_EXPORT = ExportParams(
     representative_images=50,
-    min_agreement=0.999,
-    max_int8_drop=0.002,
+    min_agreement=0.999,  # ONNX and float TFLite match Keras to rounding: far inside this bar
+    # The tiny model sits near chance on these strokes (their labels are arbitrary), so int8 flips
+    # a few of its near-tied answers, by an amount that depends on the CPU's kernels. The serving
+    # tests need its int8 export to pass (the server refuses a failed one); a broken export, which
+    # loses far more, still fails. params.yaml's bar is for the full run.
+    max_int8_drop=0.2,
     latency_images=3,
     latency_batch=32,
     latency_repeats=2,
