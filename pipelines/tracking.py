@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import Params
-from pipelines.data import write_json
+from pipelines.data import DataError, write_json
 
 MLRUNS_DIR = Path("mlruns")
 DATASET_DIR = "data/dataset"  # the merge stage's output, the data every later stage reads
@@ -133,11 +133,21 @@ def training_run(
 def read_run_id(run_file: Path) -> str:
     """The training run id that train left in ``run_file``."""
     try:
-        return json.loads(Path(run_file).read_text())["run_id"]
+        run_id = json.loads(Path(run_file).read_text())["run_id"]
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"{run_file}: no training run id; run the train stage first"
         ) from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(
+            f"{run_file}: not a training run record ({type(exc).__name__}: {exc}); "
+            "rerun the train stage"
+        ) from exc
+    if not isinstance(run_id, str) or not run_id:
+        raise DataError(
+            f"{run_file}: run_id is {run_id!r}, expected a run id; rerun the train stage"
+        )
+    return run_id
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from mlflow.tracking import _model_registry, _tracking_service, fluent
 
 from pipelines import tracking
 from pipelines.config import Params
+from pipelines.data import DataError
 
 LOCK = {  # a dvc.lock as DVC 3 writes it, cut down to what lineage reads
     "schema": "2.0",
@@ -284,6 +285,22 @@ def test_a_missing_run_file_is_named_with_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         tracking.read_run_id(run_file)
     assert str(error.value) == f"{run_file}: no training run id; run the train stage first"
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [("{", "JSONDecodeError"), ("{}", "KeyError"), ("[]", "TypeError"), ('{"run_id": ""}', "''")],
+    ids=["truncated", "no-run-id", "not-a-mapping", "empty-id"],
+)
+def test_a_bad_run_file_is_a_data_error_naming_the_file(tmp_path, content, what):
+    # given a run.json that is not what train writes
+    run_file = tmp_path / "run.json"
+    run_file.write_text(content)
+    # then the stage's expected error, naming the file and what is wrong (not a traceback)
+    with pytest.raises(DataError) as error:
+        tracking.read_run_id(run_file)
+    assert str(error.value).startswith(f"{run_file}: ") and what in str(error.value)
+    assert "rerun the train stage" in str(error.value)
 
 
 def test_attach_run_logs_a_later_stage_onto_the_training_run(store, tmp_path, params):
