@@ -37,7 +37,7 @@ flow: $(STAMP) ## the same pipeline as the Prefect flow 'mnist-training' (epheme
 smoke: $(STAMP) ## the whole pipeline on ~2,000 images for 1 epoch, in a scratch copy (.smoke/)
 	$(BIN)/python -m flows.scratch --dest .smoke
 
-test: $(STAMP) ## run the test suite (PYTEST_ARGS="-m e2e" and the like pick a part)
+test: $(STAMP) ## run the test suite, with its coverage floor (a part: PYTEST_ARGS="--no-cov -m e2e")
 	$(BIN)/python -m pytest -q --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
