@@ -256,7 +256,8 @@ def parity_report(
     }
 
 
-SPEED_KEYS = ("size_bytes", "latency_1_ms", "latency_batch_ms", "batch_images_per_s")
+SPEED_KEYS = ("size_bytes", "latency_1_ms", "latency_batch_ms", "batch_images_per_s")  # per format
+SPEED_SETTINGS = ("threads", "latency_batch", "fastest_single_image")  # of the whole report
 HEADLINE_KEYS = ("accuracy", "agreement")
 
 
@@ -273,18 +274,9 @@ def split_report(report: dict) -> dict[str, dict]:
         for n, row in report["formats"].items()
     }
     files = {
-        PARITY_REPORT: {
-            k: v
-            for k, v in report.items()
-            if k not in ("formats", "fastest_single_image", "threads", "latency_batch")
-        }
+        PARITY_REPORT: {k: v for k, v in report.items() if k not in ("formats", *SPEED_SETTINGS)}
         | {"formats": verdict_rows},
-        SPEED_REPORT: {
-            "threads": report["threads"],
-            "latency_batch": report["latency_batch"],
-            "fastest_single_image": report["fastest_single_image"],
-            "formats": speed_rows,
-        },
+        SPEED_REPORT: {k: report[k] for k in SPEED_SETTINGS} | {"formats": speed_rows},
     }
     for name, metrics_file in METRICS_FILES.items():
         files[metrics_file] = {k: report["formats"][name][k] for k in HEADLINE_KEYS}
