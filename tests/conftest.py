@@ -78,3 +78,12 @@ def write_raw(folder: Path, params: Params, dataset: Dataset) -> Path:
 @pytest.fixture
 def raw_dir(tmp_path: Path, params: Params, tiny_dataset: Dataset) -> Path:
     return write_raw(tmp_path / "raw", params, tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One private PostgreSQL cluster for the session (databases: mlflow, optuna, prefect)."""
+    from tests.team_support import postgres_cluster
+
+    with postgres_cluster("mlflow", "optuna", "prefect", "locks") as cluster:
+        yield cluster
