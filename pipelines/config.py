@@ -164,6 +164,11 @@ class TuneParams(Section):
     pruner_startup_trials: int = Field(ge=0)  # median: trials that are never pruned
     pruner_warmup_epochs: int = Field(ge=0)  # median: epochs before a trial can be pruned
     min_improvement: float = Field(ge=0)  # the best trial replaces trial 0 only if it wins by this
+    # trials at a time: 1 = in this process; N > 1 = on a Dask cluster (pipelines/tune_cluster.py)
+    workers: int = Field(default=1, ge=1)
+    # the Dask scheduler's address (tcp://host:8786); "" = $DASK_SCHEDULER_ADDRESS, else a local
+    # cluster of `workers` processes started for this run
+    scheduler: str = ""
     heartbeat_s: int = Field(ge=1)  # a trial whose process stops beating this long ...
     grace_s: int = Field(ge=1)  # ... plus this grace is failed, and retried on the next run
     space: dict[str, SearchDim]

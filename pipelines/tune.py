@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipelines.data import SOURCE_FILE, atomic_write_text, load_raw, save_figure
 log = logging.getLogger("pipelines.tune")
 
 BEST_FILE = "best_params.json"
+STORAGE_ENV = "MNIST_TUNE_STORAGE"  # overrides tune.storage: e.g. the team profile's PostgreSQL
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -40,7 +42,15 @@ def study_key(params: Params, source_record: dict) -> str:
     blob = json.dumps(
         {
             "tune": params.tune.model_dump(
-                exclude={"storage", "timeout_s", "n_trials", "min_improvement"}
+                # how and where it runs, and when it stops, do not change what a trial measures
+                exclude={
+                    "storage",
+                    "timeout_s",
+                    "n_trials",
+                    "min_improvement",
+                    "workers",
+                    "scheduler",
+                }
             ),
             # what a trial uses of train (dvc.yaml lists the same keys for the tune stage)
             "train": params.train.model_dump(
@@ -98,9 +108,16 @@ def make_pruner(params) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(params: Params, name: str, storage_url: str) -> optuna.Study:
+def open_study(
+    params: Params, name: str, storage_url: str, seed: int | None = None, parallel: bool = False
+) -> optuna.Study:
     """Create or load the study; a trial whose process died is failed after the heartbeat grace
-    period and re-queued once with the same settings."""
+    period and re-queued once with the same settings.
+
+    ``seed`` replaces ``tune.sampler_seed`` (a worker's own seed: samplers with one seed would
+    draw the same settings), and ``parallel`` makes TPE count running trials as a poor result
+    (constant liar), so workers asking at the same time do not all get one setting.
+    """
     tune = params.tune
     storage = optuna.storages.RDBStorage(
         storage_url,
@@ -109,15 +126,38 @@ def open_study(params: Params, name: str, storage_url: str) -> optuna.Study:
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
             max_retry=1
         ),
+        # a database server that restarts mid-study: drop dead pooled connections, reconnect
+        engine_kwargs={"pool_pre_ping": True} if not storage_url.startswith("sqlite") else None,
     )
     return optuna.create_study(
         study_name=name,
         storage=storage,
-        sampler=optuna.samplers.TPESampler(seed=tune.sampler_seed),
+        sampler=optuna.samplers.TPESampler(
+            seed=tune.sampler_seed if seed is None else seed, constant_liar=parallel
+        ),
         pruner=make_pruner(tune),
         direction="maximize" if tune.metric == "val_accuracy" else "minimize",
         load_if_exists=True,
     )
+
+
+def storage_for(params: Params, out: Path) -> str:
+    """The study's Optuna storage URL: $MNIST_TUNE_STORAGE (a team's database, whose password
+    stays out of git), else ``tune.storage``, else the sqlite file ``<out>/study.db``."""
+    return (
+        os.environ.get(STORAGE_ENV)
+        or params.tune.storage
+        or f"sqlite:///{(out / 'study.db').resolve()}"
+    )
+
+
+def shown_storage(params: Params, out: Path) -> str:
+    """The storage as summary.json records it: no password, no absolute path (it is committed)."""
+    if os.environ.get(STORAGE_ENV) or params.tune.storage:
+        from sqlalchemy.engine import make_url
+
+        return make_url(storage_for(params, out)).render_as_string(hide_password=True)
+    return str(out / "study.db")
 
 
 def best_of(history: dict[str, list[float]], metric: str) -> float:
@@ -217,33 +257,21 @@ def save_plots(study: optuna.Study, out: Path) -> list[Path]:
     return paths
 
 
-def run_study(
+def make_objective(
     params: Params,
     policy: AugmentParams,
     images: np.ndarray,
     labels: np.ndarray,
-    study: optuna.Study,
-) -> None:
-    """Run trials until ``tune.n_trials`` are finished (counting earlier runs) or the time is up."""
+    parent_run_id: str,
+):
+    """One trial: train the project's CNN with the trial's settings, reporting each epoch to the
+    pruner; a nested MLflow run under ``parent_run_id`` (the tuning run), in process or on a worker."""
     import mlflow
     from optuna_integration.keras import KerasPruningCallback
 
     from pipelines.train import train_model
 
     tune = params.tune
-    done = sum(t.state in FINISHED for t in study.trials)
-    remaining = tune.n_trials - done
-    if remaining <= 0:
-        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
-        return
-    log.info(
-        "study %s: %d finished trials so far, running up to %d more (%s images, %d epochs each)",
-        study.study_name,
-        done,
-        remaining,
-        tune.trial_images or "all",
-        tune.trial_epochs,
-    )
 
     def objective(trial: optuna.Trial) -> float:
         dotted = {key: suggest(trial, key, dim) for key, dim in tune.space.items()}
@@ -259,7 +287,9 @@ def run_study(
                 "ema_momentum": 0.0,
             }
         )
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id
+        ) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({**dotted, "trial_images": tune.trial_images})
             mlflow.set_tag("optuna.trial", trial.number)
@@ -302,15 +332,56 @@ def run_study(
             )
             return value
 
-    if not study.trials:
-        study.enqueue_trial(current_settings(params, policy), skip_if_exists=True)
+    return objective
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(
+    params: Params,
+    policy: AugmentParams,
+    images: np.ndarray,
+    labels: np.ndarray,
+    study: optuna.Study,
+    parent_run_id: str,
+) -> None:
+    """Run trials in this process until ``tune.n_trials`` are finished (counting earlier runs) or
+    the time is up. (``tune.workers`` > 1: pipelines/tune_cluster.py runs them on Dask instead.)"""
+    tune = params.tune
+    remaining = tune.n_trials - finished_trials(study)
+    if remaining <= 0:
+        return
     study.optimize(
-        objective,
+        make_objective(params, policy, images, labels, parent_run_id),
         n_trials=remaining,
         timeout=tune.timeout_s or None,
         gc_after_trial=True,
         catch=(),
     )
+
+
+def announce(params: Params, study: optuna.Study) -> int:
+    """Log how far the study is and how many trials this run adds; enqueue trial 0 (params.yaml
+    as it is) in a new study. Returns the number of trials still to run."""
+    tune = params.tune
+    done = finished_trials(study)
+    remaining = tune.n_trials - done
+    if remaining <= 0:
+        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
+        return 0
+    log.info(
+        "study %s: %d finished trials so far, running up to %d more (%s images, %d epochs each, "
+        "%d at a time)",
+        study.study_name,
+        done,
+        remaining,
+        tune.trial_images or "all",
+        tune.trial_epochs,
+        tune.workers,
+    )
+    return remaining
 
 
 def close_dead_trial_runs(study: optuna.Study) -> None:
@@ -354,9 +425,9 @@ def main() -> None:
     data = load_raw(raw, params.ingest.file_names)
     source_record = json.loads((raw / SOURCE_FILE).read_text())
     name = f"{params.tune.study_name}-{study_key(params, source_record)}"
-    storage_url = params.tune.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage_url = storage_for(params, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own one line per trial instead
-    study = open_study(params, name, storage_url)
+    study = open_study(params, name, storage_url, parallel=params.tune.workers > 1)
 
     tracking.setup(params.tracking.experiment)
     parent_id = study.user_attrs.get("mlflow_run_id")
@@ -367,7 +438,17 @@ def main() -> None:
             study.set_user_attr("mlflow_run_id", parent.info.run_id)
             mlflow.log_params(tracking.flatten("tune", params.tune.model_dump()))
             mlflow.set_tags({**tracking.lineage_tags(source_record), "optuna.study": name})
-        run_study(params, policy, data.x_train, data.y_train, study)
+        if not study.trials:
+            study.enqueue_trial(current_settings(params, policy), skip_if_exists=True)
+        remaining = announce(params, study)
+        if remaining and params.tune.workers > 1:
+            from pipelines.tune_cluster import run_study_on_cluster
+
+            run_study_on_cluster(
+                params, policy, data.x_train, data.y_train, study, storage_url, parent.info.run_id
+            )
+        elif remaining:
+            run_study(params, policy, data.x_train, data.y_train, study, parent.info.run_id)
         close_dead_trial_runs(study)
 
         summary = summarise(study)
@@ -379,7 +460,7 @@ def main() -> None:
             )
         chosen = choose(study, params.tune.metric, params.tune.min_improvement)
         # the storage as configured (no absolute paths: summary.json is committed as a DVC metric)
-        summary["storage"] = params.tune.storage or str(out / "study.db")
+        summary["storage"] = shown_storage(params, out)
         summary["chosen_trial"] = chosen["chosen_trial"]
         write_json(out / "summary.json", summary)
         atomic_write_text(out / "trials.csv", trials_table(study))
