@@ -29,6 +29,7 @@ of 1 here a second run would sit unsubmitted as Late, with no message, and never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -72,6 +73,45 @@ def build_deployments(deploy: DeployParams, root: str | None = None) -> list[Run
     return [manual, scheduled]
 
 
+def deploy_to_pool(deploy: DeployParams, pool: str, root: Path, experiments: int) -> list[str]:
+    """Register both deployments on the process work pool ``pool`` (the team profile); return ids.
+
+    The pool's workers run them from ``root`` (a local source: each worker's machine needs the
+    checkout at that path). ``manual`` takes up to ``experiments`` runs at a time: a run with
+    overrides trains in a scratch copy of its own, lock-free, so experiments run side by side,
+    while a run in the checkout still meets the training lock. ``scheduled-retrain`` retrains
+    the checkout: one at a time, as in the local profile.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    # a worker creates it too, but maybe later
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    # from_source: the workers run the flow from ``root`` (pull step: set the working directory).
+    # RunnerDeployment.apply, not Flow.deploy: in Prefect 3.8.8 the latter asks the server for
+    # the pool's workers with an explicit null limit, which the server refuses (422).
+    flow = training.from_source(source=str(root), entrypoint="flows/training.py:training")
+    strategy = ConcurrencyLimitStrategy.CANCEL_NEW
+    common = dict(work_pool_name=pool, parameters={"root": str(root)}, tags=TAGS)
+    manual = flow.to_deployment(
+        name=MANUAL,
+        description=f"Train on demand, up to {experiments} experiments at a time; parameters: "
+        "epochs, trials, tune_workers, smoke, force.",
+        concurrency_limit=ConcurrencyLimitConfig(limit=experiments, collision_strategy=strategy),
+        **common,
+    )
+    scheduled = flow.to_deployment(
+        name=SCHEDULED,
+        description=f"Retrain on params.yaml's deploy.retrain_cron ({deploy.timezone}).",
+        schedule=Cron(deploy.retrain_cron, timezone=deploy.timezone),
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
+        **common,
+    )
+    return [str(d.apply(work_pool_name=pool)) for d in (manual, scheduled)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Serve mnist-training/manual and mnist-training/scheduled-retrain."
@@ -79,9 +119,24 @@ def main() -> None:
     parser.add_argument(
         "--root", default=None, help="default repo the runs train in (default: this checkout)"
     )
+    parser.add_argument(
+        "--pool",
+        default=None,
+        help="register the deployments on this process work pool and exit (the team profile) "
+        "instead of serving them from this process",
+    )
+    parser.add_argument(
+        "--experiments", type=int, default=2, help="with --pool: manual runs at a time"
+    )
     args = parser.parse_args()
     params_path = Path(args.root or REPO_ROOT) / "params.yaml"
-    deployments = build_deployments(load_params(params_path).deploy, args.root)
+    deploy = load_params(params_path).deploy
+    if args.pool:
+        root = Path(args.root or REPO_ROOT).resolve()
+        ids = deploy_to_pool(deploy, args.pool, root, args.experiments)
+        print(f"deployments {', '.join(DEPLOYMENTS)} on work pool {args.pool}: {', '.join(ids)}")
+        return
+    deployments = build_deployments(deploy, args.root)
     serve(*deployments)
 
 

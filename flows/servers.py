@@ -54,6 +54,13 @@ class Layout:
     mlflow_port: int = 5000
     root: Path | None = None  # the deployments' default `root` parameter (default: this checkout)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a faster runner poll in tests
+    profile: str = (
+        "local"  # "team": PostgreSQL, MLflow with auth, Prefect workers, Dask (flows/team.py)
+    )
+    postgres_port: int = 5433
+    dask_port: int = 8786
+    dask_workers: int = 2
+    prefect_workers: int = 2
 
     @property
     def prefect_api(self) -> str:
@@ -65,6 +72,10 @@ class Layout:
 
     def programs(self) -> list[Program]:
         """What `make up` runs, one entry a process (or a set of copies); `after` orders them."""
+        if self.profile == "team":
+            from flows import team
+
+            return team.programs(self)
         bin_dir = Path(sys.executable).parent
         env = {
             **self.extra_env,
@@ -210,8 +221,14 @@ def cancel_runs_in_progress(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -
 
 
 def up(layout: Layout, timeout_s: float = START_TIMEOUT_S) -> dict[str, int]:
-    """Start what is not running, wait until everything answers; return {name: pid}."""
-    return start_all(layout.supervisor(), timeout_s)
+    """Start what is not running, wait until everything answers; return {name: pid}. The team
+    profile then registers the deployments on its work pool."""
+    pids = start_all(layout.supervisor(), timeout_s)
+    if layout.profile == "team":
+        from flows.team import register_deployments
+
+        register_deployments(layout)
+    return pids
 
 
 def down(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -> list[int]:
@@ -234,6 +251,24 @@ def status(layout: Layout) -> bool:
 def print_next_steps(layout: Layout) -> None:
     conf = layout.supervisor().conf
     conf = conf.relative_to(Path.cwd()) if conf.is_relative_to(Path.cwd()) else conf
+    if layout.profile == "team":
+        from flows.team import SECRETS_FILE, WORK_POOL
+
+        env_file = conf.parent / SECRETS_FILE
+        print(
+            f"""
+Team servers (make status PROFILE=team):
+  MLflow UI:   {layout.mlflow_url}   (user admin or reader; passwords in {env_file})
+  Prefect UI:  http://{HOST}:{layout.prefect_port}   (work pool {WORK_POOL}, {layout.prefect_workers} workers)
+  Dask:        tcp://{HOST}:{layout.dask_port}   ({layout.dask_workers} workers)
+  PostgreSQL:  127.0.0.1:{layout.postgres_port}   (MLflow, Prefect, Optuna, the gate's lock)
+Clients take their addresses and credentials from the environment:
+  set -a; . {env_file}; set +a
+  make run     # logs to the team's MLflow; tune.workers: 2 runs trials on Dask
+Stop everything with: make down PROFILE=team""",
+            flush=True,
+        )
+        return
     print(
         f"""
 Prefect UI:  http://{HOST}:{layout.prefect_port}   (deployments, runs, schedule, logs)
@@ -253,13 +288,29 @@ def main() -> None:
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument(
+        "--profile",
+        choices=["local", "team"],
+        default="local",
+        help="team: PostgreSQL, MLflow with users, Prefect workers and Dask (flows/team.py)",
+    )
+    parser.add_argument("--postgres-port", type=int, default=5433)
+    parser.add_argument("--dask-port", type=int, default=8786)
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
         help="up: seconds to wait for each program to answer; down: for cancelled runs to end",
     )
     args = parser.parse_args()
-    layout = Layout(prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    layout = Layout(
+        prefect_port=args.prefect_port,
+        mlflow_port=args.mlflow_port,
+        profile=args.profile,
+        postgres_port=args.postgres_port,
+        dask_port=args.dask_port,
+        # each profile its own supervisord, logs and data
+        run_dir=REPO_ROOT / ".run" / ("team" if args.profile == "team" else ""),
+    )
     try:
         if args.action == "up":
             up(layout, args.timeout or START_TIMEOUT_S)

@@ -209,7 +209,11 @@ class Supervisor:
     def launch(self) -> int:
         """Write the config and start supervisord as a daemon; return its pid once it answers."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(self.config())
+        # Programs' environments may carry secrets (the team profile's passwords): owner only.
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.config())
+        self.conf.chmod(0o600)
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
         # It forks into the background and this first process exits; a stale socket it removes.

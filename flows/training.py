@@ -5,8 +5,10 @@ task runs ``dvc repro --single-item <stage>``, so DVC still decides what is up t
 outputs and writes dvc.lock exactly as a plain ``dvc repro`` does; Prefect adds retries (from each
 stage's ``meta.retries``), logs, parameters and schedules.
 
-One training at a time per checkout: the flow holds an exclusive lock on ``.run/training.lock``
-for its whole duration, so a run started by hand collides with a deployment run as well.
+One training at a time per checkout: a run in the checkout (or in .smoke/) holds an exclusive
+lock on ``.run/training.lock`` for its whole duration, so a run started by hand collides with a
+deployment run as well. A run with overrides trains in a scratch copy of its own and takes no
+lock: experiments run side by side, as many as there are workers.
 
     python -m flows.training                      # works without a Prefect server (ephemeral API)
     python -m flows.training --smoke              # the same flow on the small slice, in .smoke/
@@ -127,13 +129,17 @@ def training_lock(path: Path, flow_run: str, wait_s: float = 0) -> Iterator[dict
         os.close(fd)  # releases the flock
 
 
-def param_overrides(epochs: int | None, trials: int | None) -> dict[str, Any]:
+def param_overrides(
+    epochs: int | None, trials: int | None, tune_workers: int | None = None
+) -> dict[str, Any]:
     """The flow's parameters as a params.yaml override: {"train": {"epochs": 3}, ...}."""
     overrides: dict[str, Any] = {}
+    if tune_workers is not None:
+        overrides["tune"] = {"workers": tune_workers}
     if epochs is not None:
         overrides["train"] = {"epochs": epochs}
     if trials is not None:
-        overrides["tune"] = {"n_trials": trials}
+        overrides.setdefault("tune", {})["n_trials"] = trials
     return overrides
 
 
@@ -205,6 +211,7 @@ def training(
     smoke: bool = False,
     epochs: int | None = None,
     trials: int | None = None,
+    tune_workers: int | None = None,
 ) -> list[str] | State:
     """Run every stage of dvc.yaml in order; a failed stage stops the flow before the next one.
 
@@ -214,6 +221,7 @@ def training(
         smoke: run on the small slice (params.smoke.yaml) in a scratch copy under ``.smoke/``.
         epochs: override ``train.epochs`` (the run goes to a scratch copy; params.yaml stays).
         trials: override ``tune.n_trials`` (likewise).
+        tune_workers: override ``tune.workers``: trials at a time on the Dask cluster (likewise).
 
     Returns:
         The stages checked, in order; or a Cancelled state when another training held the lock.
@@ -224,11 +232,16 @@ def training(
     source = Path(root or REPO_ROOT).resolve()
     run_name = flow_run.get_name() or "unnamed"
     wait_s = load_params(source / "params.yaml").deploy.lock_wait_s
-    if wait_s:
+    overrides = param_overrides(epochs, trials, tune_workers)
+    # A run with overrides (not smoke) trains in a scratch copy of its own, .run/runs/<run name>:
+    # it touches none of the checkout's files, so it runs beside other trainings, lock-free.
+    own_copy = bool(overrides) and not smoke
+    if wait_s and not own_copy:
         logger.info("taking the training lock %s (waiting up to %g s)", source / LOCK_FILE, wait_s)
     with ExitStack() as stack:
         try:
-            stack.enter_context(training_lock(source / LOCK_FILE, run_name, wait_s))
+            if not own_copy:
+                stack.enter_context(training_lock(source / LOCK_FILE, run_name, wait_s))
         except TrainingBusy as busy:
             logger.warning("%s", busy)
             # Cancelled, not Completed: nothing was trained, and a Completed scheduled retrain would
@@ -236,7 +249,7 @@ def training(
             # Not Failed either: nothing broke, and Cancelled is what Prefect itself gives a second
             # run of a deployment at its concurrency limit (flows/deploy.py).
             return Cancelled(message=str(busy))
-        workdir = prepare_workdir(source, smoke, param_overrides(epochs, trials), run_name)
+        workdir = prepare_workdir(source, smoke, overrides, run_name)
         if workdir != source:
             logger.info("running in %s", workdir)
         done = []
@@ -258,6 +271,9 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     parser.add_argument("--trials", type=int, default=None, help="override tune.n_trials")
+    parser.add_argument(
+        "--tune-workers", type=int, default=None, help="override tune.workers (trials at a time)"
+    )
     args = parser.parse_args()
     state = training(
         root=args.root,
@@ -265,6 +281,7 @@ def main() -> None:
         smoke=args.smoke,
         epochs=args.epochs,
         trials=args.trials,
+        tune_workers=args.tune_workers,
         return_state=True,
     )
     if state.is_cancelled():

@@ -387,3 +387,14 @@ def test_down_cancels_a_run_in_progress(servers, runs):
     wait_for(lambda: not stages_left(), 30, "the cancelled run's processes to end")
     with training_lock(lock, "after-the-cancel", wait_s=10):  # and its lock with them
         pass
+
+
+def test_tune_workers_is_a_flow_parameter_merged_with_the_others():
+    """`--param tune_workers=2` reaches params.yaml's tune.workers in the run's scratch copy."""
+    from flows.training import param_overrides
+
+    assert param_overrides(None, None, tune_workers=2) == {"tune": {"workers": 2}}
+    assert param_overrides(3, 2, tune_workers=2) == {
+        "train": {"epochs": 3},
+        "tune": {"workers": 2, "n_trials": 2},
+    }
