@@ -3,9 +3,14 @@ the BatchNorm recalibration) and, end to end, a killed training resuming from it
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +241,87 @@ def test_killed_training_resumes_from_checkpoint(tmp_path):
     assert run_id == killed_run_id
     # the checkpoint is cleaned up once training completed
     assert not any((workdir / "data/checkpoints").iterdir())
+
+
+# --- end to end: the tracking server goes away for 30 s in the middle of a training
+
+
+def mlflow_server(port: int, folder: Path) -> subprocess.Popen:
+    """A real `mlflow server` on ``port``, its store in ``folder`` (kept across restarts)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
+        + ["--port", str(port), "--workers", "1"]
+        + ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+        + ["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def wait_healthy(port: int, timeout_s: float = 180) -> None:
+    from flows.servers import http_ok
+
+    deadline = time.monotonic() + timeout_s
+    while not http_ok(f"http://127.0.0.1:{port}/health"):
+        assert time.monotonic() < deadline, f"mlflow server on {port} did not answer"
+        time.sleep(0.5)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_30_s_tracking_server_outage_mid_training_loses_no_metric(tmp_path):
+    """MLflow's client retries a refused request with exponential backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR): the epoch that hits the
+    outage waits for the server, and every epoch's metrics arrive."""
+    import mlflow
+
+    from flows.env import stage_env
+    from tests.team_support import free_port
+
+    workdir = scratch_repo(
+        tmp_path / "repo",
+        {"train": {"epochs": 4, "max_images": 1000}, "tune": {"enabled": False}},
+    )
+    prep = run_in(workdir, "dvc", "repro", "tune")
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    port, store = free_port(), tmp_path / "server"
+    store.mkdir()
+    server = mlflow_server(port, store)
+    procs = [server]
+    try:
+        wait_healthy(port)
+        env = stage_env({"TF_CPP_MIN_LOG_LEVEL": "3"})
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable if part == "python" else part for part in train_cmd()]
+        proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        procs.append(proc)
+        # when the server is killed right after epoch 1, and back 30 s later
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "epoch 1/4" in line:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+                break
+        time.sleep(30)
+        server = mlflow_server(port, store)
+        procs.append(server)
+        wait_healthy(port)
+        rest = proc.communicate(timeout=600)[1]
+        # then the training finishes
+        assert proc.returncode == 0, "".join(seen) + rest[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # every one leads its own session
+                p.wait(timeout=30)
+    # and every epoch's metrics are on the run
+    run_id = json.loads((workdir / "data/model/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "val_accuracy")
+    assert len({m.step for m in history}) == 4, history
