@@ -12,6 +12,12 @@ Gate, in order:
 The exports and their parity report are attached to the version (files of its logged model, and
 tags). Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
 If anything fails after the version is created and before its alias is set, the version is deleted.
+
+Several writers: steps 1-3 run concurrently; reading the champion, deciding, tagging and moving
+the alias (``promote``) run under the registry lock (``pipelines.locks.registry_lock``: a
+PostgreSQL advisory lock or a file lock), so two registrations that finish together are decided
+one after the other, each against the champion the other left. The version's ``gate_lock`` tag
+names the lock that was held.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.config import RegisterParams, load_params
 from pipelines.data import write_json
+from pipelines.locks import REGISTRY_LOCK_TIMEOUT_S, HeldLock, registry_lock
 from pipelines.runtime import PARITY_REPORT, SPEED_REPORT
 
 log = logging.getLogger("pipelines.register")
@@ -146,6 +155,126 @@ def check_served(
     return tags, None
 
 
+ChampionScorer = Callable[[str], tuple[float | None, str | None]]
+"""Scores a champion version: (its accuracy, None), (None, why it cannot be served) or (None, None)
+when it failed to load or predict; either None counts as no champion."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` decided, against which champion, and under which lock."""
+
+    decision: Decision
+    champion_version: str | None  # the champion the candidate was weighed against; None: none
+    champion_accuracy: float | None
+    lock: str  # the lock held while deciding (``HeldLock.describe()``)
+
+
+def promote(
+    client,
+    params: RegisterParams,
+    version: str,
+    evidence: Evidence,
+    score_champion: ChampionScorer,
+    tags: dict[str, str] | None = None,
+    lock: AbstractContextManager[HeldLock] | None = None,
+) -> Promotion:
+    """The gate's critical section, under ``lock`` (default: ``registry_lock(params.model_name)``).
+
+    Writes ``tags`` (the candidate's own, which no other writer changes) on ``version`` first, then,
+    holding the lock: reads the current champion, scores it with ``score_champion``, completes
+    ``evidence`` (the candidate's own measurements) with it, decides (``decide_promotion``), writes
+    the decision's tags and moves the alias. No other writer may read or move the alias in
+    between: that is what the lock is for. On failure the version is left to the caller to delete.
+    """
+    from pipelines import tracking
+
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(params.model_name, version, key, value)
+    if lock is None:
+        lock = registry_lock(params.model_name)
+    with lock as held:
+        champion = tracking.current_champion(client, params.model_name, params.champion_alias)
+        champion_version = str(champion.version) if champion is not None else None
+        champion_accuracy, unservable = None, None
+        if champion_version is not None:
+            champion_accuracy, unservable = score_champion(champion_version)
+            if champion_accuracy is None:
+                champion_version = None
+        decision = decide_promotion(
+            params,
+            replace(
+                evidence,
+                champion_accuracy=champion_accuracy,
+                champion_version=champion_version,
+                champion_unservable=unservable,
+            ),
+        )
+        decided = {
+            "decision": decision.alias or "none",
+            "reason": decision.reason,
+            "previous_champion": champion_version or "none",
+            "champion_test_accuracy": f"{champion_accuracy:.6f}"
+            if champion_accuracy is not None
+            else "none",
+            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "gate_lock": held.describe(),
+            "gate_lock_waited_s": f"{held.waited_s:.3f}",
+        }
+        for key, value in decided.items():
+            client.set_model_version_tag(params.model_name, version, key, value)
+        if decision.alias is not None:
+            held.check()  # a PostgreSQL session that died has let someone else in: do not write
+            client.set_registered_model_alias(params.model_name, decision.alias, version)
+    return Promotion(decision, champion_version, champion_accuracy, held.describe())
+
+
+def champion_scorer(
+    params: RegisterParams,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    batch_size: int,
+    export_dir: Path | None,
+    served_format: str,
+) -> ChampionScorer:
+    """The gate's scorer of a champion: re-scored on this test set, and (with ``export_dir``) its
+    served export loaded by the server's code. Remembers each version that passed both: a
+    version's files do not change, so a score taken before the lock is reused under it. A failure
+    is tried again under the lock: it may have been transient (a download, a full disk)."""
+    results: dict[str, tuple[float | None, str | None]] = {}
+
+    def score(version: str) -> tuple[float | None, str | None]:
+        if version in results:
+            return results[version]
+        uri = f"models:/{params.model_name}/{version}"
+        try:
+            accuracy = score_version(uri, x_test, y_test, batch_size)
+            log.info("current champion v%s scores %.4f on this test set", version, accuracy)
+        except Exception as exc:  # a champion that no longer loads must not block a good candidate
+            log.warning(
+                "current champion v%s failed to load or predict (%s); treating as absent",
+                version,
+                exc,
+            )
+            return None, None
+        if export_dir is not None:
+            # A champion registered before the export stage (or with a broken export) cannot be
+            # served: it must not keep the alias from a candidate that can.
+            from pipelines.runtime import load_registered
+
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    load_registered(params.model_name, version, served_format, Path(tmp))
+            except Exception as exc:
+                unservable = f"v{version} cannot be served ({exc})"
+                log.warning("current champion %s; treating as absent", unservable)
+                return None, unservable
+        results[version] = accuracy, None
+        return results[version]
+
+    return score
+
+
 def register_model(
     params: RegisterParams,
     run_id: str,
@@ -158,6 +287,7 @@ def register_model(
     export_dir: Path | None = None,
     served_format: str = "model.onnx",
     report: Path | None = None,
+    lock_timeout_s: float = REGISTRY_LOCK_TIMEOUT_S,
 ) -> dict:
     """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record.
 
@@ -165,6 +295,8 @@ def register_model(
     version and enables the infra check on ``served_format``; without it (unit tests) step 3 is
     skipped. ``report`` (evaluate's report.html) is attached to the version as
     ``evaluation_report.html`` among its artifacts, and named in its ``evaluation_report`` tag.
+    Everything up to the decision runs without the registry lock; ``promote`` waits up to
+    ``lock_timeout_s`` for it.
     """
     import mlflow
 
@@ -172,37 +304,12 @@ def register_model(
     from pipelines.model import to_model_input
 
     client = tracking.client()
+    score_champion = champion_scorer(params, x_test, y_test, batch_size, export_dir, served_format)
+    # Score today's champion before the lock: under it, promote re-reads the alias and only
+    # re-scores when another writer moved it in the meantime.
     champion = tracking.current_champion(client, params.model_name, params.champion_alias)
-    champion_accuracy = None
     if champion is not None:
-        uri = f"models:/{params.model_name}/{champion.version}"
-        try:
-            champion_accuracy = score_version(uri, x_test, y_test, batch_size)
-            log.info(
-                "current champion v%s scores %.4f on this test set",
-                champion.version,
-                champion_accuracy,
-            )
-        except Exception as exc:  # a champion that no longer loads must not block a good candidate
-            log.warning(
-                "current champion v%s failed to load or predict (%s); treating as absent",
-                champion.version,
-                exc,
-            )
-            champion = None
-    unservable = None
-    if champion is not None and export_dir is not None:
-        # A champion registered before the export stage (or with a broken export) cannot be served:
-        # it must not keep the alias from a candidate that can.
-        from pipelines.runtime import load_registered
-
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                load_registered(params.model_name, champion.version, served_format, Path(tmp))
-        except Exception as exc:
-            unservable = f"v{champion.version} cannot be served ({exc})"
-            log.warning("current champion %s; treating as absent", unservable)
-            champion, champion_accuracy = None, None
+        score_champion(str(champion.version))
 
     from mlflow.models import infer_signature
 
@@ -245,29 +352,10 @@ def register_model(
             if speed_file.exists():
                 for name, row in json.loads(speed_file.read_text())["formats"].items():
                     served_tags[f"export.{name}.latency_1_ms"] = f"{row['latency_1_ms']:.6g}"
-        decision = decide_promotion(
-            params,
-            Evidence(
-                candidate_accuracy=metrics["accuracy"],
-                champion_accuracy=champion_accuracy,
-                champion_version=champion.version if champion else None,
-                champion_unservable=unservable,
-                registry_drift=drift,
-                served_failure=failure,
-            ),
-        )
-
         tags = {
             "test_accuracy": f"{metrics['accuracy']:.6f}",
             "test_loss": f"{metrics['loss']:.6f}",
             "run_id": run_id,
-            "decision": decision.alias or "none",
-            "reason": decision.reason,
-            "previous_champion": str(champion.version) if champion else "none",
-            "champion_test_accuracy": f"{champion_accuracy:.6f}"
-            if champion_accuracy is not None
-            else "none",
-            "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(
                 {"evaluation_report": f"models:/{params.model_name}/{version}/{REPORT_ARTIFACT}"}
                 if report is not None
@@ -276,25 +364,39 @@ def register_model(
             **served_tags,
             **(extra_tags or {}),
         }
-        for key, value in tags.items():
-            client.set_model_version_tag(params.model_name, version, key, value)
-        if decision.alias is not None:
-            client.set_registered_model_alias(params.model_name, decision.alias, version)
+        promotion = promote(
+            client,
+            params,
+            str(version),
+            Evidence(
+                candidate_accuracy=metrics["accuracy"],
+                registry_drift=drift,
+                served_failure=failure,
+            ),
+            score_champion,
+            tags,
+            registry_lock(params.model_name, lock_timeout_s, mlflow.get_registry_uri()),
+        )
     except BaseException:
         log.error(
             "registration of v%s failed before its alias was set; deleting the version", version
         )
         client.delete_model_version(params.model_name, version)
         raise
-    log.info("v%s -> %s: %s", version, decision.alias or "no alias", decision.reason)
+    decision = promotion.decision
+    log.info(
+        "v%s -> %s: %s (%s)", version, decision.alias or "no alias", decision.reason, promotion.lock
+    )
     return {
         "model_name": params.model_name,
         "version": int(version),
         "alias": decision.alias,
         "reason": decision.reason,
         "test_accuracy": metrics["accuracy"],
-        "previous_champion": int(champion.version) if champion else None,
-        "champion_test_accuracy": champion_accuracy,
+        "previous_champion": int(promotion.champion_version)
+        if promotion.champion_version
+        else None,
+        "champion_test_accuracy": promotion.champion_accuracy,
         "served_format": served_tags.get("served_format"),
         "served_check_accuracy": served_tags.get("served_check_accuracy"),
     }

@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipelines import tracking
+from pipelines import locks, tracking
 from pipelines.config import ModelParams, RegisterParams
 from pipelines.model import build_model, predict_probabilities, to_model_input
 from pipelines.register import Evidence, decide_promotion, register_model
@@ -126,12 +126,34 @@ def test_aliases_come_from_params(rparams: RegisterParams) -> None:
     assert decide_promotion(custom, beaten).alias == "staging"
 
 
+def test_champion_score_is_reused_only_when_it_passed(monkeypatch) -> None:
+    import pipelines.register as register
+
+    calls, results = [], {"3": 0.97, "4": RuntimeError("download failed")}
+
+    def fake_score(uri, images, labels, batch_size):
+        calls.append(uri)
+        result = results[uri.rsplit("/", 1)[1]]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    monkeypatch.setattr(register, "score_version", fake_score)
+    score = register.champion_scorer(GATE, np.zeros((1, 28, 28)), np.zeros(1), 1, None, "m.onnx")
+    # a champion scored before the lock is not scored again under it
+    assert score("3") == (0.97, None) and score("3") == (0.97, None)
+    # one that failed is tried again: the failure may have passed
+    assert score("4") == (None, None) and score("4") == (None, None)
+    assert calls == ["models:/mnist-classifier/3"] + ["models:/mnist-classifier/4"] * 2
+
+
 # --- against a real registry ---------------------------------------------------------------
 
 
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv(locks.ENV_VAR, raising=False)  # the gate's lock: tmp_path/registry.lock
     monkeypatch.chdir(tmp_path)  # artifacts land under tmp_path
     tracking.setup("gate-test")
     return tracking.client()
@@ -199,7 +221,7 @@ def test_equal_challenger_gets_challenger_alias_with_reason(store, digits):
     )
 
 
-def test_better_model_takes_champion_and_records_previous(store, digits):
+def test_better_model_takes_champion_and_records_previous(store, digits, tmp_path):
     images, labels = digits
     no_floor = GATE.model_copy(update={"min_accuracy": 0.0})
     # Given an untrained model as champion (floor 0, so it passes)
@@ -216,6 +238,28 @@ def test_better_model_takes_champion_and_records_previous(store, digits):
         weak["test_accuracy"], abs=1e-6
     )
     assert f"beats champion v{weak['version']}" in champion.tags["reason"]
+    # decided under the store's lock, the file beside its database
+    assert champion.tags["gate_lock"] == f"file: {tmp_path / 'registry.lock'}"
+    assert float(champion.tags["gate_lock_waited_s"]) >= 0
+
+
+def test_registration_that_cannot_get_the_lock_leaves_no_version(store, digits, tmp_path):
+    images, labels = digits
+    model = trained(images, labels, epochs=0)
+    metrics = {"accuracy": 0.9, "loss": 0.1, "data_source": "test"}
+    with mlflow.start_run() as run:
+        pass
+    # Given another writer in the gate's critical section, holding the lock, when a registration
+    # waits for it longer than it may
+    busy = pytest.raises(locks.LockTimeout, match="registry.lock: still taken after waiting")
+    with locks.registry_lock(GATE.model_name, 1), busy:
+        register_model(
+            GATE, run.info.run_id, model, metrics, images, labels, 64, lock_timeout_s=0.2
+        )
+    # Then the version it registered is gone, and no alias moved
+    assert store.search_model_versions(f"name = '{GATE.model_name}'") == []
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        store.get_model_version_by_alias(GATE.model_name, "champion")
 
 
 # --- gate step 3: the served export, loaded from the registry by the server's code -------------
