@@ -8,14 +8,18 @@ MLRUNS ?= mlruns
 UI_PORT ?= 5000
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
-SERVERS := $(BIN)/python -m flows.servers --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+PROFILE ?= local
+POSTGRES_PORT ?= 5433
+DASK_PORT ?= 8786
+SERVERS := $(BIN)/python -m flows.servers --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT) \
+	--profile $(PROFILE) --postgres-port $(POSTGRES_PORT) --dask-port $(DASK_PORT)
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TF_CPP_MIN_LOG_LEVEL := 2
 # dvc.yaml's commands run `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint docs format ui up down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate clean-smoke
+.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate clean-smoke push pull
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,10 +60,19 @@ ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:$(UI_PORT) (MLRUNS=.smoke/mlru
 		--backend-store-uri sqlite:///$(abspath $(MLRUNS))/mlflow.db \
 		--default-artifact-root $(abspath $(MLRUNS))/artifacts
 
-up: $(STAMP) ## Prefect (:$(PREFECT_PORT)) and MLflow (:$(MLFLOW_PORT)) servers and the deployments, in the background
+up: $(STAMP) ## Prefect (:$(PREFECT_PORT)) and MLflow (:$(MLFLOW_PORT)) servers and the deployments; PROFILE=team: the team's servers (docs/team.md)
+	@if [[ "$(PROFILE)" == team ]]; then $(MAKE) --no-print-directory postgres-server; fi
 	$(SERVERS) up
 
-down: ## stop what `make up` started (its supervisord in .run/ too), waiting for each to exit; the data stays
+postgres-server: ## install Debian's PostgreSQL server if it is missing (the team profile needs it)
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && [[ -z "$${PG_BIN:-}" ]]; then \
+		if [[ "$$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's postgresql (apt)"; \
+			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; \
+		else echo "PostgreSQL is missing: sudo apt-get install postgresql (or set PG_BIN)"; exit 1; fi; \
+	fi
+
+down: ## stop what `make up` started (its supervisord in .run/ too), waiting for each to exit; the data stays (PROFILE=team: the team's)
 	$(SERVERS) down
 
 status: ## each process of `make up`: its state, pid and uptime, and does it answer?
@@ -89,3 +102,17 @@ bench-adversarial: $(STAMP) ## benchmark: adversarial training vs plain, same bu
 
 bench-evaluate: $(STAMP) ## benchmark: evaluate's time with and without insight (the 20% bar; needs `make run`)
 	$(BIN)/python -m benchmarks.evaluate_cost
+
+# push and pull: the remote is REMOTE, else DVC's default (`team`, see docs/operations.md).
+SET_REMOTE = remote=$(or $(REMOTE),$$($(BIN)/dvc remote default)) || { echo "$$remote: set REMOTE=<name>" >&2; exit 1; }
+
+# `dvc push` only warns about an output this checkout has no copy of: the check after it fails.
+push: $(STAMP) ## push what dvc.lock records (data, model, exports) to the DVC remote (REMOTE=name: another)
+	@$(SET_REMOTE); echo "dvc push to remote '$$remote': $$($(BIN)/dvc config remote.$$remote.url)" \
+		&& $(BIN)/dvc push --remote "$$remote" \
+		&& $(BIN)/dvc data status --not-in-remote --remote "$$remote" --json | $(BIN)/python -c \
+		'import json, sys; left = json.load(sys.stdin).get("not_in_remote"); sys.exit(left and f"not on the remote, and not in this checkout to push (make run, or dvc pull them): {left}" or 0)'
+
+pull: $(STAMP) ## fetch and check out from the DVC remote what dvc.lock records (REMOTE=name: another)
+	@$(SET_REMOTE); echo "dvc pull from remote '$$remote': $$($(BIN)/dvc config remote.$$remote.url)" \
+		&& $(BIN)/dvc pull --remote "$$remote"
