@@ -56,6 +56,11 @@ def available() -> bool:
     return True
 
 
+def server_user() -> str | None:
+    """Who the server runs as: ``postgres`` when we are root (PostgreSQL refuses root), else us."""
+    return SUPERUSER if os.geteuid() == 0 else None
+
+
 def as_server_user(command: list[str]) -> list[str]:
     """``command`` as the ``postgres`` user when we are root (PostgreSQL refuses root)."""
     if os.geteuid() != 0:
@@ -113,15 +118,12 @@ class Cluster:
         return True
 
     def server_command(self) -> list[str]:
-        """``postgres`` in the foreground (for supervisord), loopback only, its own socket."""
-        return as_server_user(
+        """``postgres`` in the foreground, loopback only, its own socket; supervisord runs it as
+        ``server_user()`` (a wrapper such as runuser would turn supervisord's stop into a kill)."""
+        return (
             [str(bin_dir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
-            + [
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={self.socket_dir}",
-            ]
+            + ["-c", "listen_addresses=127.0.0.1"]
+            + ["-c", f"unix_socket_directories={self.socket_dir}"]
             # a team server: Optuna workers, MLflow, Prefect and its workers each hold a pool
             + ["-c", "max_connections=200"]
         )

@@ -123,14 +123,24 @@ class Layout:
             ),
         ]
 
+    def prefect_headers(self) -> dict[str, str]:
+        """What a request to this profile's Prefect API must carry (the team's auth string)."""
+        if self.profile != "team":
+            return {}
+        from flows import team
+
+        secret = team.team_secrets(self.run_dir)
+        return {"Authorization": team.basic_auth(team.PREFECT_USER, secret["PREFECT_PASSWORD"])}
+
     def supervisor(self) -> Supervisor:
         return Supervisor(run_dir=self.run_dir, programs=tuple(self.programs()), cwd=self.repo)
 
 
-def http_get(url: str, timeout: float = 2.0) -> bytes | None:
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bytes | None:
     """The body of a 200 answer from ``url``; None for anything else (refused, 404, timeout)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read() if response.status == 200 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -140,12 +150,14 @@ def http_ok(url: str) -> bool:
     return http_get(url) is not None
 
 
-def http_post(url: str, payload: dict, timeout: float = 10.0) -> object | None:
+def http_post(
+    url: str, payload: dict, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> object | None:
     """POST ``payload`` as JSON; the decoded answer, or None if there was no 2xx answer."""
     request = urllib.request.Request(
         url,
         data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
         method="POST",
     )
     try:
@@ -174,9 +186,10 @@ def cancel_runs_in_progress(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -
     Cancelled. A run that no live process answers for (its runner died) is set Cancelled here.
     """
     api = layout.prefect_api
+    auth = layout.prefect_headers()
     deployment_ids = []
     for name in DEPLOYMENTS:
-        body = http_get(f"{api}/deployments/name/{FLOW_NAME}/{name}")
+        body = http_get(f"{api}/deployments/name/{FLOW_NAME}/{name}", headers=auth)
         if body:
             deployment_ids.append(json.loads(body)["id"])
     if not deployment_ids:
@@ -190,6 +203,7 @@ def cancel_runs_in_progress(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -
             "sort": "ID_DESC",
             "limit": 100,
         },
+        headers=auth,
     )
     runs = {run["id"]: run["name"] for run in found or []}
     for run_id, name in runs.items():
@@ -197,13 +211,14 @@ def cancel_runs_in_progress(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -
         http_post(
             f"{api}/flow_runs/{run_id}/set_state",
             {"state": {"type": "CANCELLING", "message": "stopped by make down"}},
+            headers=auth,
         )
     deadline = time.monotonic() + timeout_s
     open_runs = set(runs)
     while open_runs and time.monotonic() < deadline:
         time.sleep(POLL_S)
         for run_id in list(open_runs):
-            body = http_get(f"{api}/flow_runs/{run_id}")
+            body = http_get(f"{api}/flow_runs/{run_id}", headers=auth)
             if body and json.loads(body)["state_type"] not in {"PENDING", "RUNNING", "CANCELLING"}:
                 open_runs.discard(run_id)
     for run_id in open_runs:
@@ -213,6 +228,7 @@ def cancel_runs_in_progress(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -
                 "state": {"type": "CANCELLED", "message": "stopped by make down (no process)"},
                 "force": True,
             },
+            headers=auth,
         )
     for run_id, name in runs.items():
         how = "set Cancelled: no process answered" if run_id in open_runs else "cancelled"
@@ -238,7 +254,8 @@ def down(layout: Layout, timeout_s: float = STOP_TIMEOUT_S) -> list[int]:
     state = {name: info["statename"] for name, info in sup.processes().items()}
     if state.get("prefect-server") == "RUNNING":
         # Without a runner nobody would act on Cancelling: go straight to Cancelled.
-        runner_alive = state.get("deployments") == "RUNNING"
+        runners = [n for n in state if n == "deployments" or n.startswith("prefect-worker")]
+        runner_alive = any(state[n] == "RUNNING" for n in runners)
         cancel_runs_in_progress(layout, timeout_s if runner_alive else 0)
     return stop_all(sup)
 

@@ -57,6 +57,8 @@ class Program:
     owns_port: bool = False
     stop_timeout_s: int = 60  # SIGTERM to its process group, then this long, then SIGKILL
     autorestart: bool = False  # False: one that dies stays down, and `status` says how it ended
+    user: str | None = None  # run as this user (supervisord must run as root to switch)
+    stop_signal: str = "TERM"  # e.g. INT: PostgreSQL's fast shutdown (TERM waits for clients)
 
 
 def _quoted(value: str) -> str:
@@ -152,6 +154,8 @@ class Supervisor:
             lines += [f"directory={_quoted(str(self.cwd))}"]
             if p.env:
                 lines.append("environment=" + ",".join(_env_value(k, v) for k, v in p.env.items()))
+            if p.user:
+                lines.append(f"user={_quoted(p.user)}")
             lines += [
                 # `up` starts each one in order, and waits for it, instead of supervisord at once.
                 "autostart=false",
@@ -159,7 +163,7 @@ class Supervisor:
                 # RUNNING from its spawn: `up` has its own check of whether it works.
                 "startsecs=0",
                 "startretries=0",
-                "stopsignal=TERM",
+                f"stopsignal={p.stop_signal}",
                 f"stopwaitsecs={p.stop_timeout_s}",
                 "stopasgroup=true",
                 "killasgroup=true",

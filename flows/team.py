@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.postgres import Cluster
+from flows.postgres import Cluster, server_user
 from flows.supervise import Program
 
 if TYPE_CHECKING:
@@ -209,7 +209,11 @@ def programs(layout: Layout) -> list[Program]:
             url=f"postgresql://{HOST}:{layout.postgres_port}",
             answers=lambda _: postgres_ready(pg),
             owns_port=False,
-            stop_timeout_s=30,
+            # supervisord switches to `postgres` itself; SIGINT is PostgreSQL's fast shutdown
+            # (SIGTERM would wait for every client to leave)
+            user=server_user(),
+            stop_signal="INT",
+            stop_timeout_s=60,
         ),
         Program(
             name="mlflow-server",

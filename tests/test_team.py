@@ -82,7 +82,9 @@ def test_secrets_live_in_a_private_file_and_not_in_the_config(stack) -> None:
     assert stat.S_IMODE((layout.run_dir / "mlflow-auth.ini").stat().st_mode) == 0o600
     # and nothing in git holds them
     tracked = subprocess.run(
-        ["git", "grep", "-l", env["MLFLOW_ADMIN_PASSWORD"]], cwd=REPO, capture_output=True
+        ["git", "grep", "-l", "-F", "-e", env["MLFLOW_ADMIN_PASSWORD"]],
+        cwd=REPO,
+        capture_output=True,
     )
     assert tracked.returncode == 1, tracked.stdout
     # a second `up` keeps the same secrets: the databases' passwords must not change
@@ -221,3 +223,20 @@ def test_two_experiments_run_at_once_on_the_two_workers_and_both_pass_the_gate(s
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
         os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+
+
+def test_down_keeps_the_data_and_the_next_up_finds_it(stack) -> None:
+    layout, env = stack
+    admin = team.basic_auth(team.ADMIN_USER, env["MLFLOW_ADMIN_PASSWORD"])
+    api = f"{layout.mlflow_url}/api/2.0/mlflow"
+    # when the stack goes down and comes up again on the same folder
+    down(layout)
+    assert not status(layout)
+    up(layout, timeout_s=240)
+    # then the cluster was not initialised again, the passwords still hold, and the experiment
+    # and model logged before are there
+    assert team.read_env_file(layout.run_dir / team.SECRETS_FILE) == env
+    assert call(f"{api}/experiments/get-by-name?experiment_name=team-test", auth=admin) == 200
+    assert call(f"{api}/registered-models/get?name=team-model", auth=admin) == 200
+    reader = team.basic_auth(team.READER_USER, env["MLFLOW_READER_PASSWORD"])
+    assert call(f"{api}/registered-models/get?name=team-model", auth=reader) == 200
