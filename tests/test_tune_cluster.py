@@ -135,6 +135,21 @@ def team_tune(tmp_path: Path, raw_dir: Path, storage: str, n_trials: int):
     return cmd, env, procs
 
 
+def start_stage_until_two_trials_run(
+    cmd: list[str], env: dict, storage: str, procs: list
+) -> subprocess.Popen:
+    """Start the tune stage (added to ``procs``) and return once both workers are in a trial."""
+    stage = subprocess.Popen(
+        cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    procs.append(stage)
+    deadline = time.monotonic() + 300
+    while len(running_trials(storage)) < 2:
+        assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()
+        time.sleep(0.5)
+    return stage
+
+
 def load_pg_study(storage: str) -> optuna.Study:
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
@@ -150,15 +165,8 @@ def test_a_worker_killed_mid_trial_loses_that_trial_and_the_study_finishes(
     storage = postgres.url("optuna_kill")
     cmd, env, procs = team_tune(tmp_path, raw_dir, storage, n_trials=4)
     try:
-        stage = subprocess.Popen(
-            cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )
-        procs.append(stage)
+        stage = start_stage_until_two_trials_run(cmd, env, storage, procs)
         # when both workers are in a trial, one worker is killed
-        deadline = time.monotonic() + 300
-        while len(running_trials(storage)) < 2:
-            assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()
-            time.sleep(0.5)
         time.sleep(1.0)
         procs[1].send_signal(signal.SIGKILL)
         _, err = stage.communicate(timeout=400)
@@ -195,14 +203,7 @@ def test_postgresql_restarted_mid_study_the_workers_reconnect_and_it_finishes(
         storage = cluster.url("optuna")
         cmd, env, procs = team_tune(tmp_path, raw_dir, storage, n_trials=4)
         try:
-            stage = subprocess.Popen(
-                cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-            )
-            procs.append(stage)
-            deadline = time.monotonic() + 300
-            while len(running_trials(storage)) < 2:
-                assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()
-                time.sleep(0.5)
+            stage = start_stage_until_two_trials_run(cmd, env, storage, procs)
             kept = {
                 t.number: t.value
                 for t in load_pg_study(storage).trials
