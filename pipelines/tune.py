@@ -470,7 +470,9 @@ def main() -> None:
             {"enabled": True, "study": name, "metric": params.tune.metric, **chosen},
         )
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_params({f"chosen.{k}": v for k, v in chosen["overrides"].items()})
+        # Tags, not params: the run is the study's, and a resumed or shared study (two
+        # experiments at once) may choose again; MLflow refuses to change a param's value.
+        mlflow.set_tags({f"chosen.{k}": str(v) for k, v in chosen["overrides"].items()})
         mlflow.set_tag("chosen", chosen["reason"])
         for path in (out / "summary.json", out / "trials.csv", out / BEST_FILE, *plots):
             mlflow.log_artifact(str(path))

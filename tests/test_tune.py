@@ -251,3 +251,33 @@ def test_killed_tuning_resumes_the_same_study(tmp_path, raw_dir) -> None:
     assert len(failed) <= 1  # the killed trial, if it had started
     summary = json.loads((tmp_path / "tune/summary.json").read_text())
     assert summary["trials_finished"] == 4
+
+
+def test_a_study_that_chooses_again_can_log_onto_its_run(tmp_path, raw_dir) -> None:
+    """A resumed (or shared) study logs onto the same parent run; its choice may differ from the
+    last one's, which MLflow's immutable params would refuse."""
+    import mlflow
+
+    cmd, env = tune_cmd(tmp_path, tiny_params(tmp_path, n_trials=1, pruner="none"), raw_dir)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mnist-classifier").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.info.run_name == "tune"]
+    # when another run of the same study records a different choice on that run
+    client.set_tag(parent.info.run_id, "chosen.train.learning_rate", "different")
+    second = subprocess.run(
+        cmd[: cmd.index("--params") + 1]
+        + [str(tiny_params(tmp_path, n_trials=2, pruner="none"))]
+        + cmd[cmd.index("--params") + 2 :],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # then it resumes the study on the same run and overwrites the choice
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming study" in second.stderr
+    data = client.get_run(parent.info.run_id).data
+    assert data.tags["chosen.train.learning_rate"] != "different"
+    assert not [key for key in data.params if key.startswith("chosen.")]  # params never change
