@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -161,3 +163,49 @@ def test_serve_load_pairs_its_slices_on_connections_kept_open() -> None:
         assert all(part["requests"] > 0 and part["failures"] == 0 for part in slices[name])
         assert slices[name][0]["held"] == "4"  # this process holds the server ends of all 4
         assert pooled(slices[name])["requests"] == answered.count(name)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_scale_benchmark_prints_each_part_against_its_baseline(raw_dir: Path) -> None:
+    from tests.team_support import need_postgres
+
+    need_postgres()  # parts b and c run on the team profile's PostgreSQL and MLflow server
+    # when every part runs tiny: 2 trials of one epoch per mode, 5 storage trials, 10 MLflow
+    # calls, 10 scheduler tasks
+    out = run_benchmark(
+        "benchmarks.scale", "--trials", "2", "--images", "0", "--epochs", "1", "--repeats", "1",
+        "--storage-trials", "5", "--storage-repeats", "1", "--mlflow-calls", "10",
+        "--mlflow-repeats", "1", "--tasks", "10", "--raw", str(raw_dir),
+    )  # fmt: skip
+    num, x = r"([\d.,]+)", r"([\d.]+)x"
+
+    def rows(names: str, *columns: str) -> dict[str, tuple[str, ...]]:
+        pattern = rf"^({names})\s+" + r"\s+".join(columns) + r"$"
+        return {m.group(1): m.groups()[1:] for m in re.finditer(pattern, out, re.MULTILINE)}
+
+    # then (a) each mode ran both trials: stage and trial-phase rates with their ratios
+    a = rows(r"in process \(baseline\)|2 Dask workers x 1 thread", r"(\d+)", num, num, x, num,
+             num, x, num, num)  # fmt: skip
+    assert set(a) == {"in process (baseline)", "2 Dask workers x 1 thread"}, out
+    assert all(row[0] == "2" and float(row[2]) > 0 for row in a.values()), out
+    assert a["in process (baseline)"][3] == a["in process (baseline)"][6] == "1.00"
+    # and (b) both storages, in ms per trial, PostgreSQL with its server's CPU time
+    b = rows(r"sqlite \(baseline\)|PostgreSQL", num, x, num, num, r"([\d.]+|-)")
+    assert set(b) == {"sqlite (baseline)", "PostgreSQL"}, out
+    assert b["sqlite (baseline)"][1] == "1.00" and b["sqlite (baseline)"][4] == "-"
+    # and (c) the local store, the team server and the same with its auth cache, per call
+    c = rows(r"local sqlite store \(baseline\)|team MLflow server|same, auth cache 60 s",
+             *[num, x, r"([\d.]+|-)"] * 3)  # fmt: skip
+    assert set(c) == {
+        "local sqlite store (baseline)",
+        "team MLflow server",
+        "same, auth cache 60 s",
+    }
+    assert c["local sqlite store (baseline)"][1::3] == ("1.00",) * 3, out
+    assert "-" not in c["team MLflow server"], out
+    # and (d) the scheduler one task at a time and all in flight
+    d = rows(r"one at a time \(baseline\)|all in flight", num, x, num)
+    assert set(d) == {"one at a time (baseline)", "all in flight"}, out
+    # and the projection's inputs, from every part
+    assert re.search(r"^projection inputs: a trial of .* trials/h\)\.$", out, re.MULTILINE), out
