@@ -36,7 +36,7 @@ from flows.training import (
 )
 from pipelines.config import ParamsError, load_params
 from tests.e2e_support import scratch_repo
-from tests.test_servers import free_port
+from tests.team_support import free_port
 
 FLOW_RUN_TIMEOUT_S = 900  # several smoke trainings, with room for a slow machine
 DEPLOYMENT_LIMIT_MESSAGE = "Deployment concurrency limit reached."  # Prefect's CANCEL_NEW message

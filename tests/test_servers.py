@@ -11,7 +11,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,9 @@ from supervisor.options import ClientOptions, ServerOptions
 
 from flows.servers import Layout, http_ok
 from flows.supervise import Program, ServerError, Supervisor, alive, down, status, up
+from tests.team_support import free_port
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(600)"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def web(name: str, port: int, **kwargs) -> Program:

@@ -29,6 +29,7 @@ from serving.preprocess import mnist_digit
 from tests.browser import headless_chromium, needs_chromium
 from tests.conftest import PARAMS_PATH, REPO, make_arrays
 from tests.serving_support import GOOD, HIDDEN_NESTING, body, publish_versions, with_first_pixel
+from tests.team_support import free_port
 
 NAME = "mnist-classifier"
 MAX_BATCH = 8
@@ -268,12 +269,6 @@ def test_ready_is_503_with_the_reason_until_a_model_loads(
 
 
 # --- the entry point, on a real uvicorn server --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ One stack for the module, on free ports, in a temporary folder; stopped even whe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -62,6 +61,15 @@ def call(url: str, method: str = "GET", body: dict | None = None, auth: str | No
         return exc.code
 
 
+def admin_client(layout: Layout, env: dict, monkeypatch):
+    """An MLflow client on the team server, signed in as admin through MLflow's own variables."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.ADMIN_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_ADMIN_PASSWORD"])
+    return mlflow.MlflowClient(tracking_uri=layout.mlflow_url, registry_uri=layout.mlflow_url)
+
+
 def test_every_process_runs_and_answers(stack, capsys) -> None:
     layout, _ = stack
     assert status(layout)
@@ -98,33 +106,26 @@ def test_mlflow_refuses_an_unauthenticated_write_with_401(stack) -> None:
     assert call(f"{layout.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=5") == 401
 
 
-def test_the_reader_browses_but_cannot_register_or_move_an_alias(stack, tmp_path) -> None:
+def test_the_reader_browses_but_cannot_register_or_move_an_alias(
+    stack, tmp_path, monkeypatch
+) -> None:
     layout, env = stack
     admin = team.basic_auth(team.ADMIN_USER, env["MLFLOW_ADMIN_PASSWORD"])
     reader = team.basic_auth(team.READER_USER, env["MLFLOW_READER_PASSWORD"])
     api = f"{layout.mlflow_url}/api/2.0/mlflow"
     # the admin (what the stages use) logs a run with an artifact, through the server, and
     # registers a version with an alias
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"] = team.ADMIN_USER
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = env["MLFLOW_ADMIN_PASSWORD"]
-    try:
-        client = mlflow.MlflowClient(tracking_uri=layout.mlflow_url, registry_uri=layout.mlflow_url)
-        experiment = client.create_experiment("team-test")
-        run = client.create_run(experiment)
-        (tmp_path / "note.txt").write_text("through the server")
-        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
-        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-        # --serve-artifacts: the file went through the server into its artifact folder
-        assert any((layout.run_dir / "mlflow-artifacts").rglob("note.txt"))
-        client.create_registered_model("team-model")
-        version = client.create_model_version("team-model", run.info.artifact_uri, run.info.run_id)
-        client.set_registered_model_alias("team-model", "champion", version.version)
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    client = admin_client(layout, env, monkeypatch)
+    experiment = client.create_experiment("team-test")
+    run = client.create_run(experiment)
+    (tmp_path / "note.txt").write_text("through the server")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    # --serve-artifacts: the file went through the server into its artifact folder
+    assert any((layout.run_dir / "mlflow-artifacts").rglob("note.txt"))
+    client.create_registered_model("team-model")
+    version = client.create_model_version("team-model", run.info.artifact_uri, run.info.run_id)
+    client.set_registered_model_alias("team-model", "champion", version.version)
     # the reader sees runs and models
     assert call(f"{api}/experiments/search?max_results=5", auth=reader) == 200
     assert call(f"{api}/registered-models/get?name=team-model", auth=reader) == 200
@@ -167,8 +168,9 @@ def test_the_work_pool_has_two_workers_and_dask_two_workers(stack) -> None:
 
 
 @pytest.mark.timeout(1500)
-def test_two_experiments_run_at_once_on_the_two_workers_and_both_pass_the_gate(stack) -> None:
-    import mlflow
+def test_two_experiments_run_at_once_on_the_two_workers_and_both_pass_the_gate(
+    stack, monkeypatch
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
@@ -208,21 +210,15 @@ def test_two_experiments_run_at_once_on_the_two_workers_and_both_pass_the_gate(s
         assert (layout.root / ".run" / "runs" / run.name / "dvc.lock").exists()
     # and both logged to the shared server and registered through the gate: two versions, each
     # with its decision, and one champion at most
-    os.environ["MLFLOW_TRACKING_USERNAME"] = team.ADMIN_USER
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = env["MLFLOW_ADMIN_PASSWORD"]
-    try:
-        client = mlflow.MlflowClient(tracking_uri=layout.mlflow_url, registry_uri=layout.mlflow_url)
-        name = load_params(layout.root / "params.yaml").register.model_name
-        versions = client.search_model_versions(f"name = '{name}'")
-        assert len(versions) == 2
-        decisions = [v.tags.get("decision") for v in versions]
-        assert all(d in {"champion", "challenger", "none"} for d in decisions), decisions
-        assert decisions.count("champion") <= 1
-        aliases = [a for v in versions for a in v.aliases]
-        assert aliases.count("champion") <= 1
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
-        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+    client = admin_client(layout, env, monkeypatch)
+    name = load_params(layout.root / "params.yaml").register.model_name
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 2
+    decisions = [v.tags.get("decision") for v in versions]
+    assert all(d in {"champion", "challenger", "none"} for d in decisions), decisions
+    assert decisions.count("champion") <= 1
+    aliases = [a for v in versions for a in v.aliases]
+    assert aliases.count("champion") <= 1
 
 
 def test_down_keeps_the_data_and_the_next_up_finds_it(stack) -> None:
