@@ -236,6 +236,12 @@ class ServeParams(Section):
     max_body_bytes: int = Field(ge=1)  # JSON request bodies
     max_upload_bytes: int = Field(ge=1)  # uploaded images
     feedback: bool  # POST /feedback (the page's "correct this prediction") saves to data/incoming
+    metrics: bool  # GET /metrics, Prometheus' text format
+    log_inference: bool  # every answered image recorded to Parquet under log_dir, off the path
+    log_dir: str = Field(min_length=1)
+    log_images: bool  # keep the 28x28 pixels in the log too (off: only the summary features)
+    log_max_mb: float = Field(gt=0)  # the log's size cap: the oldest files go first
+    log_flush_s: float = Field(gt=0)  # how often the log's writer thread writes what has queued
 
 
 class DeployParams(Section):

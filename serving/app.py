@@ -11,16 +11,20 @@ predict endpoints while no model is loaded; ``/ready`` says 503 ``{"ready": fals
   POST /feedback                            a corrected digit, saved to data/incoming/<label>/ for
                                             the next training (the page's "correct" button)
   GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
+  GET  /metrics                             Prometheus' text format (serving.metrics; serve.metrics)
   GET  /                                    the drawing page
 Here the application is put together and started; the routes are ``serving.routes``, reading
 request bodies ``serving.parsing``, the error format ``serving.errors``, the size limit
 ``serving.limits``, model loading and hot reload ``serving.champion``, preprocessing
-``serving.preprocess``, worker processes ``serving.workers``, inference ``pipelines.runtime``.
+``serving.preprocess``, worker processes ``serving.workers``, inference ``pipelines.runtime``,
+the metrics ``serving.metrics`` and the inference log ``serving.inference_log``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,7 +34,9 @@ from pipelines.config import Params, ServeParams, load_params
 from pipelines.merge import INCOMING_DIR
 from serving.champion import Champion
 from serving.errors import add_error_handlers
+from serving.inference_log import InferenceLog
 from serving.limits import BodyLimit
+from serving.metrics import MULTIPROC_ENV, RequestMetrics, ServerMetrics
 from serving.routes import IMAGE_PATH, add_routes
 from serving.workers import run_server
 
@@ -40,25 +46,46 @@ def create_app(
     champion: Champion | None = None,
     poll: bool = True,
     incoming_dir: Path = INCOMING_DIR,
+    log_dir: Path | None = None,
 ) -> FastAPI:
     """The application. ``champion`` defaults to ``models:/<register.model_name>@<champion_alias>``;
-    corrections (POST /feedback) are saved under ``incoming_dir`` for the merge stage."""
+    corrections (POST /feedback) are saved under ``incoming_dir`` for the merge stage, and the
+    inference log goes to ``log_dir`` (default ``serve.log_dir``)."""
     serve: ServeParams = params.serve
     name = params.register.model_name
     champion = champion or Champion(
         name, params.register.champion_alias, serve.format, serve.threads, serve.poll_interval_s
     )
+    metrics = ServerMetrics() if serve.metrics else None
+    if metrics is not None:
+        champion.on_loaded.append(lambda m: metrics.now_serving(m.name, m.version, m.format))
+        champion.on_failure.append(lambda _: metrics.reload_failures.inc())
+    inference_log = None
+    if serve.log_inference:
+        inference_log = InferenceLog(
+            Path(log_dir or serve.log_dir),
+            max_bytes=int(serve.log_max_mb * 1e6),
+            flush_interval_s=serve.log_flush_s,
+            keep_images=serve.log_images,
+            on_drop=metrics.log_dropped.inc if metrics is not None else None,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from pipelines import tracking
 
         tracking.use_store()
+        if inference_log is not None:
+            inference_log.start()
         champion.refresh()  # a failure leaves /ready at 503 with the reason; polling retries
         if poll:
             champion.start()
         yield
         champion.stop()
+        if inference_log is not None:
+            inference_log.stop()  # what is queued is written before the process goes
+        if metrics is not None:
+            metrics.process_exited()
 
     app = FastAPI(
         title="MNIST digit classifier",
@@ -66,14 +93,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.champion = champion
+    app.state.metrics, app.state.inference_log = metrics, inference_log
     add_error_handlers(app)
-    add_routes(app, serve, name, champion, incoming_dir)
+    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=serve.max_body_bytes,
         max_upload_bytes=serve.max_upload_bytes,
         upload_path=IMAGE_PATH,
     )
+    if metrics is not None:  # outermost, so a 413 from the size limit is counted as well
+        endpoints = frozenset(getattr(route, "path", "") for route in app.routes)
+        app.add_middleware(RequestMetrics, metrics=metrics, endpoints=endpoints)
     return app
 
 
@@ -81,9 +112,11 @@ def app_from_environment() -> FastAPI:
     """The application for one of several worker processes (``--workers`` above 1): each worker
     builds its own from the params file named in ``MNIST_SERVE_PARAMS`` and polls the alias
     itself (``MNIST_SERVE_INCOMING``: where corrections go)."""
+    log_dir = os.environ.get("MNIST_SERVE_LOG_DIR")
     return create_app(
         load_params(os.environ.get("MNIST_SERVE_PARAMS", "params.yaml")),
         incoming_dir=Path(os.environ.get("MNIST_SERVE_INCOMING", INCOMING_DIR)),
+        log_dir=Path(log_dir) if log_dir else None,
     )
 
 
@@ -104,6 +137,7 @@ def main() -> None:
         default=str(INCOMING_DIR),
         help=f"where POST /feedback saves corrected digits (default: {INCOMING_DIR})",
     )
+    parser.add_argument("--log-dir", help="where the inference log goes (default: serve.log_dir)")
     args = parser.parse_args()
     configure_logging()
     # The server logs each model it loads; MLflow's download progress bar (tqdm) would add bars
@@ -115,12 +149,25 @@ def main() -> None:
     host = args.host or params.serve.host
     port = args.port or int(os.environ.get("PORT", params.serve.port))
     workers = args.workers or params.serve.workers
+    log_dir = Path(args.log_dir) if args.log_dir else None
     if workers == 1:
-        run_server(create_app(params, incoming_dir=Path(args.incoming)), host, port)
-    else:
-        os.environ["MNIST_SERVE_PARAMS"] = args.params
-        os.environ["MNIST_SERVE_INCOMING"] = args.incoming
+        app = create_app(params, incoming_dir=Path(args.incoming), log_dir=log_dir)
+        run_server(app, host, port)
+        return
+    os.environ["MNIST_SERVE_PARAMS"] = args.params
+    os.environ["MNIST_SERVE_INCOMING"] = args.incoming
+    if log_dir is not None:
+        os.environ["MNIST_SERVE_LOG_DIR"] = str(log_dir)
+    # Several workers: prometheus-client's multiprocess mode, in a folder of this server's own
+    # (emptied at each start, as the values of a previous server would add to this one's).
+    own_folder = params.serve.metrics and not os.environ.get(MULTIPROC_ENV)
+    if own_folder:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
+    try:
         run_server("serving.app:app_from_environment", host, port, workers)
+    finally:
+        if own_folder:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,10 @@ class Champion:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
+        # Called after each change of the served model, and after each failed reload (its reason):
+        # the server's metrics hang here.
+        self.on_loaded: list[Callable[[Loaded], None]] = []
+        self.on_failure: list[Callable[[str], None]] = []
 
     def refresh(self) -> bool:
         """Load the alias' version if it is not the one served. True if the served model changed."""
@@ -123,11 +128,15 @@ class Champion:
             )
             if previous is not None:  # requests still holding it keep their reference
                 shutil.rmtree(self.cache_dir / f"v{previous.version}", ignore_errors=True)
+            for listener in self.on_loaded:
+                listener(self.current)
             return True
 
     def _failed(self, reason: str) -> bool:
         self.last_error = reason
         log.warning("reload failed: %s", reason)
+        for listener in self.on_failure:
+            listener(reason)
         return False
 
     def start(self) -> None:

@@ -7,6 +7,7 @@ descriptions: renaming or rewording one changes the served document.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
 from pipelines.merge import save_incoming
 from serving.champion import Champion, Loaded
 from serving.errors import InputError
+from serving.inference_log import Answered, InferenceLog
+from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.parsing import parse_instances, read_image, read_upload
 
 log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
@@ -75,9 +78,16 @@ def instances_body(max_batch: int) -> dict[str, Any]:
 
 
 def add_routes(
-    app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, incoming_dir: Path
+    app: FastAPI,
+    serve: ServeParams,
+    model_name: str,
+    champion: Champion,
+    incoming_dir: Path,
+    metrics: ServerMetrics | None = None,
+    inference_log: InferenceLog | None = None,
 ) -> None:
-    """Add the API's routes to ``app``, each reading ``champion.current`` when it answers."""
+    """Add the API's routes to ``app``, each reading ``champion.current`` when it answers. Each
+    answer is counted in ``metrics`` and queued to ``inference_log`` where they are given."""
     # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
     # more route to match through on every request.
 
@@ -87,20 +97,37 @@ def add_routes(
             raise InputError(503, "model", f"no model loaded ({champion.last_error})")
         return loaded
 
-    body = instances_body(serve.max_batch)
+    def answered(endpoint: str, loaded: Loaded, images, probs, started: float) -> None:
+        """Record an answer: a few counter increments here, the rest on the log's thread."""
+        if metrics is not None:
+            metrics.observe_answers(probs.argmax(axis=1), probs.max(axis=1))
+        if inference_log is not None:
+            latency = time.perf_counter() - started
+            inference_log.record(
+                Answered(time.time(), endpoint, loaded.version, latency, images, probs)
+            )
 
-    @app.post(f"/v1/models/{model_name}:predict", openapi_extra=body)
+    body = instances_body(serve.max_batch)
+    tf_predict_path = f"/v1/models/{model_name}:predict"
+
+    @app.post(tf_predict_path, openapi_extra=body)
     async def tf_serving_predict(request: Request) -> Response:
         """TensorFlow Serving's REST predict API, row format: ``{"predictions": [[10 probs]]}``."""
+        started = time.perf_counter()
         images = parse_instances(await request.body(), serve.max_batch)
-        return json_response({"predictions": served().predictor.predict(images)})
+        loaded = served()
+        probs = loaded.predictor.predict(images)
+        answered(tf_predict_path, loaded, images, probs, started)
+        return json_response({"predictions": probs})
 
     @app.post("/predict", openapi_extra=body)
     async def predict(request: Request) -> Response:
         """Digit and probabilities per image, and the model version that answered."""
+        started = time.perf_counter()
         images = parse_instances(await request.body(), serve.max_batch)
         loaded = served()
         probs = loaded.predictor.predict(images)
+        answered("/predict", loaded, images, probs, started)
         digits = probs.argmax(axis=1).tolist()
         return json_response(
             {
@@ -114,9 +141,13 @@ def add_routes(
     @app.post(IMAGE_PATH)
     async def predict_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
         """A PNG or JPEG of one handwritten digit, any size, dark on light or light on dark."""
+        started = time.perf_counter()
         digit = read_upload(await file.read())
         loaded = served()
-        probs = loaded.predictor.predict(digit[None, ..., None])[0]  # uint8 pixels
+        batch = digit[None, ..., None]  # uint8 pixels
+        all_probs = loaded.predictor.predict(batch)
+        answered(IMAGE_PATH, loaded, batch, all_probs, started)
+        probs = all_probs[0]
         return {
             "model_version": loaded.version,
             "digit": int(probs.argmax()),
@@ -124,16 +155,26 @@ def add_routes(
             "input": digit.tolist(),  # the 28x28 the model saw
         }
 
+    def count_feedback(outcome: str) -> None:
+        if metrics is not None:
+            metrics.feedback.labels(outcome=outcome).inc()
+
     @app.post("/feedback", status_code=201)
     async def feedback(correction: Correction) -> dict[str, Any]:
         """Save a corrected digit as ``data/incoming/<label>/*.png``: the next training run's merge
         stage checks it and adds it to the training set."""
         if not serve.feedback:
+            count_feedback("switched_off")
             raise InputError(403, "feedback", "is switched off here (serve.feedback: false)")
-        image = read_image(correction.image, "image")
+        try:
+            image = read_image(correction.image, "image")
+        except InputError:
+            count_feedback("invalid")
+            raise
         digit = np.round(image * 255).astype(np.uint8)
         path = save_incoming(digit, correction.label, incoming_dir)
         log.info("correction saved: %s", path)
+        count_feedback("saved")
         return {
             "saved": str(path),
             "label": correction.label,
@@ -165,7 +206,21 @@ def add_routes(
             "metrics": loaded.metrics,
             "loaded_at": loaded.loaded_at,
             "last_reload_error": champion.last_error,
+            "inference_log": None
+            if inference_log is None
+            else {
+                "folder": str(inference_log.folder),
+                "written": inference_log.written,
+                "dropped": inference_log.dropped,
+            },
         }
+
+    if metrics is not None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics() -> Response:
+            """Prometheus' text format: requests, latency, answers, confidence, served version."""
+            return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -52,11 +52,11 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_params():
+def test_params(tmp_path_factory):
     params = load_params(PARAMS_PATH)
-    return params.model_copy(
-        update={"serve": params.serve.model_copy(update={"max_batch": MAX_BATCH})}
-    )
+    log_dir = str(tmp_path_factory.mktemp("monitoring"))  # never the checkout's data/monitoring
+    serve = params.serve.model_copy(update={"max_batch": MAX_BATCH, "log_dir": log_dir})
+    return params.model_copy(update={"serve": serve})
 
 
 @pytest.fixture
@@ -251,6 +251,52 @@ def test_alias_move_is_hot_reloaded_without_dropping_requests(served):
     assert info["version"] == "2"
     assert "v3" in info["last_reload_error"] and "still serving v2" in info["last_reload_error"]
     assert client.post(PREDICT, json={"instances": [GOOD]}).status_code == 200
+    # and /metrics shows the move and the failures (the poll retries v3 every 0.2 s)
+    metrics = client.get("/metrics").text
+    assert 'format="model.onnx",name="mnist-classifier",version="1"} 0.0' in metrics
+    assert 'format="model.onnx",name="mnist-classifier",version="2"} 1.0' in metrics
+    failures = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("mnist_model_reload_failures_total")
+    )
+    assert float(failures.split()[1]) >= 1, failures
+
+
+def test_metrics_and_the_inference_log_follow_each_answer(served, registry, test_params):
+    from pipelines.monitoring import read_log
+
+    client, _ = served
+    _, model, x_test = registry
+    # when three images are answered on /predict and one on the TF Serving path, and one
+    # request is refused
+    assert client.post(PREDICT, json=body(x_test[:3])).status_code == 200
+    assert client.post(TF_PREDICT, json=body(x_test[3:4])).status_code == 200
+    assert client.post(PREDICT, json={"instances": []}).status_code == 422
+    assert client.get("/no-such-path").status_code == 404
+    text = client.get("/metrics").text
+    # then /metrics counts them by endpoint and status, and per digit, in Prometheus' format
+    assert 'mnist_http_requests_total{endpoint="/predict",method="POST",status="200"} 1.0' in text
+    assert 'mnist_http_requests_total{endpoint="/predict",method="POST",status="422"} 1.0' in text
+    assert f'mnist_http_requests_total{{endpoint="{TF_PREDICT}",method="POST",' in text
+    assert 'endpoint="other",method="GET",status="404"' in text  # never the path itself
+    assert "no-such-path" not in text
+    digits = model.predict(x_test[:4, ..., None] / 255.0, verbose=0).argmax(axis=1)
+    for digit in set(digits.tolist()):
+        count = digits.tolist().count(digit)
+        assert f'mnist_predictions_total{{digit="{digit}"}} {count:.1f}' in text
+    assert "mnist_prediction_confidence_count 4.0" in text
+    assert (
+        'mnist_served_model_info{format="model.onnx",name="mnist-classifier",version="1"} 1.0'
+        in text
+    )
+    # and the inference log gets the four images, with their version, endpoint and features
+    client.app.state.inference_log.flush()
+    frame = read_log(test_params.serve.log_dir).tail(4)  # this test's answers are the last
+    assert frame.endpoint.tolist() == [PREDICT] * 3 + [TF_PREDICT]
+    assert frame.digit.tolist() == digits.tolist() and set(frame.model_version) == {"1"}
+    assert (frame.latency_ms > 0).all() and (frame.bbox_height > 0).all()
+    assert client.get("/model").json()["inference_log"]["dropped"] == 0
 
 
 def test_ready_is_503_with_the_reason_until_a_model_loads(
@@ -283,6 +329,7 @@ def serving_process(store, folder, *args):
     process. Stopped (and checked to have let go of its port) on exit."""
     params = yaml.safe_load(PARAMS_PATH.read_text())
     params["serve"]["poll_interval_s"] = 1
+    params["serve"]["log_dir"] = str(folder / "monitoring")
     params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     port = free_port()
@@ -366,6 +413,44 @@ def test_two_worker_processes_serve_without_a_nagle_stall_and_share_connections(
     assert "Finished server process" in output, output[-2000:]
     for noise in ("Downloading artifacts", "leaked semaphore", "Traceback"):
         assert noise not in output, output[-2000:]
+
+
+def test_prometheus_scrapes_both_workers_and_sees_the_counters_move(registry, tmp_path):
+    """Debian's Prometheus scrapes a --workers 2 server's /metrics: the target is up, and the
+    requests, answers and served version it reports (summed over both workers) follow traffic."""
+    from pipelines.monitoring import read_log
+    from tests.prometheus_support import prometheus_server, query, wait_for
+
+    store, _, _ = registry
+    args = ("--workers", "2", "--incoming", str(tmp_path))
+    with serving_process(store, tmp_path, *args) as (url, process):
+        target = url.removeprefix("http://")
+        with prometheus_server("mnist-serving", [target]) as prometheus:
+            # when the target is scraped and 12 requests of 2 images each reach the server,
+            # some of them on each worker (a new connection per request)
+            wait_for(prometheus, 'up{job="mnist-serving"}', lambda r: r and r[0]["value"][1] == "1")
+            for _ in range(12):
+                answer = httpx.post(f"{url}{PREDICT}", json={"instances": [GOOD, GOOD]}, timeout=10)
+                assert answer.status_code == 200
+            assert httpx.post(f"{url}{PREDICT}", content=b"{", timeout=10).status_code == 400
+            # then Prometheus sees every one of them, by endpoint and status, and 24 answers
+            requests = 'sum(mnist_http_requests_total{endpoint="/predict",status="200"})'
+            wait_for(prometheus, requests, lambda r: r and float(r[0]["value"][1]) == 12)
+            bad = 'sum(mnist_http_requests_total{endpoint="/predict",status="400"})'
+            wait_for(prometheus, bad, lambda r: r and float(r[0]["value"][1]) == 1)
+            answers = "sum(mnist_predictions_total)"
+            wait_for(prometheus, answers, lambda r: r and float(r[0]["value"][1]) == 24)
+            confidence = "sum(mnist_prediction_confidence_count)"
+            assert float(query(prometheus, confidence)[0]["value"][1]) == 24
+            # and each live worker says which version it serves
+            served = query(prometheus, 'mnist_served_model_info{version="1"} == 1')
+            assert len({series["metric"]["pid"] for series in served}) == 2, served
+            latency = 'sum(mnist_http_request_duration_seconds_count{endpoint="/predict"})'
+            assert float(query(prometheus, latency)[0]["value"][1]) == 13
+    # and the inference log holds the 24 answered images once the workers have stopped
+    frame = read_log(tmp_path / "monitoring")
+    assert len(frame) == 24 and set(frame.model_version) == {"1"}
+    assert frame.digit.nunique() == 1 and frame.confidence.between(0, 1).all()
 
 
 def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: float = 60) -> str:
