@@ -1,8 +1,14 @@
-"""Serve the flow ``mnist-training`` as two Prefect deployments, in one long-running process.
+"""Serve the flows ``mnist-training`` and ``mnist-monitoring`` as Prefect deployments, in one
+long-running process, and register the project's automation.
 
     mnist-training/manual             on demand: prefect deployment run 'mnist-training/manual'
                                       --param epochs=3 --param trials=2 (or --param smoke=true)
     mnist-training/scheduled-retrain  on params.yaml's deploy.retrain_cron, in deploy.timezone
+    mnist-monitoring/drift-check      on params.yaml's monitor.cron: the inference log against
+                                      the training data (flows/monitoring.py)
+    automation mnist-retrain-on-evidence   a retrain event from the drift check runs
+                                      monitor.retrain_deployment with its reason
+                                      (flows/automations.py)
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.deploy    # `make up` starts this
 
@@ -38,13 +44,40 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.monitoring import monitoring
 from flows.training import REPO_ROOT, training
-from pipelines.config import DeployParams, load_params
+from pipelines.config import DeployParams, MonitorParams, Params, load_params
 
 MANUAL = "manual"
 SCHEDULED = "scheduled-retrain"
-DEPLOYMENTS = (MANUAL, SCHEDULED)
+DRIFT_CHECK = "drift-check"
+DEPLOYMENTS = (MANUAL, SCHEDULED)  # of mnist-training
 TAGS = ["mnist"]
+SCHEDULED_REASON = "scheduled retrain (deploy.retrain_cron)"
+
+
+def monitoring_deployment(monitor: MonitorParams, timezone: str, root: str | None, flow=None):
+    """mnist-monitoring/drift-check on ``monitor.cron``; ``flow`` is the flow or its source."""
+    return (flow or monitoring).to_deployment(
+        name=DRIFT_CHECK,
+        description="Check the inference log for drift; a passed threshold asks for retraining.",
+        schedule=Cron(monitor.cron, timezone=timezone),
+        parameters={"root": root} if root else {},
+        tags=TAGS,
+        **({} if flow else {"entrypoint_type": EntrypointType.MODULE_PATH}),
+    )
+
+
+def register_automation(params: Params) -> str:
+    """The retrain automation, on the server PREFECT_API_URL names; its id."""
+    from prefect.client.orchestration import get_client
+
+    from flows.automations import apply_automation
+
+    with get_client(sync_client=True) as client:
+        return str(
+            apply_automation(client, params.monitor.retrain_deployment, params.register.model_name)
+        )
 
 
 def build_deployments(deploy: DeployParams, root: str | None = None) -> list[RunnerDeployment]:
@@ -68,19 +101,20 @@ def build_deployments(deploy: DeployParams, root: str | None = None) -> list[Run
         name=SCHEDULED,
         description=f"Retrain on params.yaml's deploy.retrain_cron ({deploy.timezone}).",
         schedule=Cron(deploy.retrain_cron, timezone=deploy.timezone),
-        **common,
+        **{**common, "parameters": {**common["parameters"], "reason": SCHEDULED_REASON}},
     )
     return [manual, scheduled]
 
 
-def deploy_to_pool(deploy: DeployParams, pool: str, root: Path, experiments: int) -> list[str]:
+def deploy_to_pool(params: Params, pool: str, root: Path, experiments: int) -> list[str]:
     """Register both deployments on the process work pool ``pool`` (the team profile); return ids.
 
     The pool's workers run them from ``root`` (a local source: each worker's machine needs the
     checkout at that path). ``manual`` takes up to ``experiments`` runs at a time: a run with
     overrides trains in a scratch copy of its own, lock-free, so experiments run side by side,
     while a run in the checkout still meets the training lock. ``scheduled-retrain`` retrains
-    the checkout: one at a time, as in the local profile.
+    the checkout: one at a time, as in the local profile. The drift check and the retrain
+    automation come with them.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -92,6 +126,7 @@ def deploy_to_pool(deploy: DeployParams, pool: str, root: Path, experiments: int
     # from_source: the workers run the flow from ``root`` (pull step: set the working directory).
     # RunnerDeployment.apply, not Flow.deploy: in Prefect 3.8.8 the latter asks the server for
     # the pool's workers with an explicit null limit, which the server refuses (422).
+    deploy = params.deploy
     flow = training.from_source(source=str(root), entrypoint="flows/training.py:training")
     strategy = ConcurrencyLimitStrategy.CANCEL_NEW
     common = dict(work_pool_name=pool, parameters={"root": str(root)}, tags=TAGS)
@@ -107,9 +142,13 @@ def deploy_to_pool(deploy: DeployParams, pool: str, root: Path, experiments: int
         description=f"Retrain on params.yaml's deploy.retrain_cron ({deploy.timezone}).",
         schedule=Cron(deploy.retrain_cron, timezone=deploy.timezone),
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
-        **common,
+        **{**common, "parameters": {**common["parameters"], "reason": SCHEDULED_REASON}},
     )
-    return [str(d.apply(work_pool_name=pool)) for d in (manual, scheduled)]
+    checker = monitoring.from_source(source=str(root), entrypoint="flows/monitoring.py:monitoring")
+    drift = monitoring_deployment(params.monitor, deploy.timezone, str(root), checker)
+    ids = [str(d.apply(work_pool_name=pool)) for d in (manual, scheduled, drift)]
+    register_automation(params)
+    return ids
 
 
 def main() -> None:
@@ -130,13 +169,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     params_path = Path(args.root or REPO_ROOT) / "params.yaml"
-    deploy = load_params(params_path).deploy
+    params = load_params(params_path)
     if args.pool:
         root = Path(args.root or REPO_ROOT).resolve()
-        ids = deploy_to_pool(deploy, args.pool, root, args.experiments)
-        print(f"deployments {', '.join(DEPLOYMENTS)} on work pool {args.pool}: {', '.join(ids)}")
+        ids = deploy_to_pool(params, args.pool, root, args.experiments)
+        names = [*DEPLOYMENTS, f"mnist-monitoring/{DRIFT_CHECK}"]
+        print(f"deployments {', '.join(names)} on work pool {args.pool}: {', '.join(ids)}")
         return
-    deployments = build_deployments(deploy, args.root)
+    deployments = [
+        *build_deployments(params.deploy, args.root),
+        monitoring_deployment(params.monitor, params.deploy.timezone, args.root),
+    ]
+    for deployment in deployments:  # serve() applies them too; the automation needs them first
+        deployment.apply()
+    print(f"automation {register_automation(params)} registered")
     serve(*deployments)
 
 

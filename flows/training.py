@@ -40,6 +40,7 @@ from prefect.states import Cancelled, State
 
 from flows.env import stage_env
 from pipelines.config import deep_merge, load_params, read_yaml
+from pipelines.tracking import REASON_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RETRY_DELAY_S = 10
@@ -180,15 +181,21 @@ def stage_order(root: Path) -> list[StageSpec]:
 
 
 @task(name="dvc-stage", retry_delay_seconds=DEFAULT_RETRY_DELAY_S)
-def run_stage(stage: str, root: str, force: bool = False) -> str:
-    """``dvc repro --single-item <stage>`` in ``root``, streaming its output into the Prefect log."""
+def run_stage(stage: str, root: str, force: bool = False, reason: str | None = None) -> str:
+    """``dvc repro --single-item <stage>`` in ``root``, streaming its output into the Prefect log.
+    ``reason`` reaches the stages as MNIST_TRAINING_REASON (tagged on the run and the version)."""
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (
         ["--force"] if force else []
     )
     logger.info("%s: %s", stage, " ".join(cmd[1:]))
     proc = subprocess.Popen(
-        cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=root,
+        env=stage_env({REASON_ENV: reason} if reason else None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     tail: list[str] = []
     assert proc.stdout is not None
@@ -212,6 +219,7 @@ def training(
     epochs: int | None = None,
     trials: int | None = None,
     tune_workers: int | None = None,
+    reason: str | None = None,
 ) -> list[str] | State:
     """Run every stage of dvc.yaml in order; a failed stage stops the flow before the next one.
 
@@ -222,6 +230,8 @@ def training(
         epochs: override ``train.epochs`` (the run goes to a scratch copy; params.yaml stays).
         trials: override ``tune.n_trials`` (likewise).
         tune_workers: override ``tune.workers``: trials at a time on the Dask cluster (likewise).
+        reason: why this training runs (a drift check's findings, from the monitoring
+            automation): the tag ``training_reason`` of the MLflow run and the model version.
 
     Returns:
         The stages checked, in order; or a Cancelled state when another training held the lock.
@@ -252,10 +262,12 @@ def training(
         workdir = prepare_workdir(source, smoke, overrides, run_name)
         if workdir != source:
             logger.info("running in %s", workdir)
+        if reason:
+            logger.info("reason: %s", reason)
         done = []
         for spec in stage_order(workdir):
             stage_task = run_stage.with_options(name=f"stage-{spec.name}", retries=spec.retries)
-            done.append(stage_task(spec.name, str(workdir), force))
+            done.append(stage_task(spec.name, str(workdir), force, reason))
         logger.info("stages checked in order (DVC skipped those up to date): %s", ", ".join(done))
         return done
 
@@ -274,6 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--tune-workers", type=int, default=None, help="override tune.workers (trials at a time)"
     )
+    parser.add_argument("--reason", default=None, help="why: tagged on the run and the version")
     args = parser.parse_args()
     state = training(
         root=args.root,
@@ -282,6 +295,7 @@ def main() -> None:
         epochs=args.epochs,
         trials=args.trials,
         tune_workers=args.tune_workers,
+        reason=args.reason,
         return_state=True,
     )
     if state.is_cancelled():

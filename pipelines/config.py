@@ -252,6 +252,33 @@ class DeployParams(Section):
     )  # a training waits this long for a running one, then is skipped
 
 
+class MonitorParams(Section):
+    experiment: str = Field(min_length=1)  # the MLflow experiment of the drift checks
+    cron: str = Field(min_length=9)  # the mnist-monitoring/drift-check deployment's schedule
+    window_hours: float = Field(gt=0)  # each check reads the log's last window_hours
+    min_records: int = Field(ge=1)  # fewer answered images in the window: no verdict
+    reference_images: int = Field(ge=100)  # training images sampled as the reference
+    feature_distance: float = Field(gt=0)  # a feature drifts past this normed distance
+    drift_share: float = Field(gt=0, le=1)  # ... and the data drifts when this share of them does
+    prediction_distance: float = Field(gt=0, le=1)  # digits answered vs training labels
+    low_confidence: float = Field(gt=0, le=1)  # an answer under this top probability is unsure
+    max_low_confidence_share: float = Field(gt=0, le=1)
+    max_feedback: int = Field(ge=0)  # corrections waiting in the quarantine
+    retrain_deployment: str = Field(pattern=r"^[^/]+/[^/]+$")  # what the automation runs
+
+    def thresholds(self):
+        from pipelines.monitoring import Thresholds
+
+        return Thresholds(
+            feature_distance=self.feature_distance,
+            drift_share=self.drift_share,
+            prediction_distance=self.prediction_distance,
+            low_confidence=self.low_confidence,
+            max_low_confidence_share=self.max_low_confidence_share,
+            max_feedback=self.max_feedback,
+        )
+
+
 class TrackingParams(Section):
     experiment: str
 
@@ -270,6 +297,7 @@ class Params(Section):
     register_: RegisterParams = Field(alias="register")
     serve: ServeParams
     deploy: DeployParams
+    monitor: MonitorParams
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -424,6 +424,7 @@ def main() -> None:
     data = load_raw(Path(args.raw), params.ingest.file_names)
     model = keras.models.load_model(model_dir / "model.keras")
     metrics = json.loads(Path(args.metrics).read_text())
+    run_tags = tracking.client().get_run(run_id).data.tags  # the training run's lineage
     record = register_model(
         params.register,
         run_id,
@@ -435,9 +436,7 @@ def main() -> None:
         extra_tags={
             "data_source": data.data_source,
             "git_commit": tracking.git_commit(),
-            "data_version": tracking.client()
-            .get_run(run_id)
-            .data.tags.get("data_version", "unknown"),
+            **{key: run_tags.get(key, "unknown") for key in ("data_version", "training_reason")},
         },
         export_dir=Path(args.export),
         served_format=params.serve.format,

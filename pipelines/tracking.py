@@ -98,6 +98,15 @@ def dvc_lock_hashes(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
     return hashes
 
 
+REASON_ENV = "MNIST_TRAINING_REASON"  # set by the mnist-training flow from its `reason` parameter
+
+
+def training_reason() -> str:
+    """Why this training runs: the flow's ``reason`` (a drift check's findings, the schedule),
+    or "not given" for a plain ``dvc repro``."""
+    return os.environ.get(REASON_ENV, "").strip() or "not given"
+
+
 def lineage_tags(source_record: dict) -> dict[str, str]:
     """Tags every training run carries: commit, data source, data checksums and DVC hashes.
 
@@ -107,6 +116,7 @@ def lineage_tags(source_record: dict) -> dict[str, str]:
     tags = {
         "git_commit": git_commit(),
         "data_source": source_record.get("data_source", "unknown"),
+        "training_reason": training_reason(),
     }
     tags.update({f"sha256.{name}": sha for name, sha in source_record.get("files", {}).items()})
     tags.update({f"incoming.{k}": str(v) for k, v in source_record.get("incoming", {}).items()})

@@ -3,13 +3,23 @@ holding versions with real exports, and request bodies for the server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 
+import httpx
 import keras
 import numpy as np
+import pytest
+import yaml
 
 from pipelines.config import ExportParams, ModelParams
 from pipelines.model import build_model, to_model_input
+from tests.conftest import PARAMS_PATH, REPO
+from tests.team_support import free_port
 
 # The export stage's settings, with few latency calls: parity is what the tests check.
 SMALL_EXPORT = ExportParams(
@@ -102,3 +112,50 @@ def with_first_pixel(token: str) -> str:
     """A one-image JSON body whose first pixel is ``token`` (NaN, Infinity: Python's json accepts
     them, so the server must check)."""
     return json.dumps({"instances": [GOOD]}).replace("0.0", token, 1)
+
+
+@contextlib.contextmanager
+def serving_process(store, folder, *args, serve: dict | None = None):
+    """`python -m serving.app *args` on a free loopback port with the test registry; its URL and
+    process. ``serve`` overrides params.yaml's serve section; the inference log goes to
+    ``folder/monitoring``. Stopped (and checked to have let go of its port) on exit."""
+    params = yaml.safe_load(PARAMS_PATH.read_text())
+    params["serve"]["poll_interval_s"] = 1
+    params["serve"]["log_dir"] = str(folder / "monitoring")
+    params["serve"].update(serve or {})
+    params_file = folder / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.app", "--params", str(params_file), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise RuntimeError("server not ready in 90 s")
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    with pytest.raises(httpx.ConnectError):  # no worker process was left behind
+        httpx.get(f"{url}/health", timeout=2)

@@ -144,7 +144,7 @@ def test_overrides_run_in_a_scratch_copy_and_leave_params_yaml_alone(tmp_path):
 
 
 def test_deployments_follow_params_yaml():
-    from flows.deploy import SCHEDULED, build_deployments
+    from flows.deploy import SCHEDULED, SCHEDULED_REASON, build_deployments
     from flows.training import REPO_ROOT
 
     deploy = load_params(REPO_ROOT / "params.yaml").deploy
@@ -158,8 +158,22 @@ def test_deployments_follow_params_yaml():
     for d in deployments.values():
         assert d.concurrency_limit == 1
         assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-        assert d.parameters == {"root": "/some/repo"}
         assert d.entrypoint == "flows.training.training"
+    assert deployments["manual"].parameters == {"root": "/some/repo"}
+    assert deployments[SCHEDULED].parameters == {"root": "/some/repo", "reason": SCHEDULED_REASON}
+
+
+def test_the_drift_check_runs_on_monitor_cron():
+    from flows.deploy import monitoring_deployment
+    from flows.training import REPO_ROOT
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    drift = monitoring_deployment(params.monitor, params.deploy.timezone, "/some/repo")
+    assert (drift.flow_name, drift.name) == ("mnist-monitoring", "drift-check")
+    (schedule,) = drift.schedules
+    assert schedule.schedule.cron == params.monitor.cron
+    assert drift.parameters == {"root": "/some/repo"}
+    assert drift.entrypoint == "flows.monitoring.monitoring"
 
 
 # --- real servers -----------------------------------------------------------------------------

@@ -309,7 +309,8 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
         encode_idx(np.arange(6, 12, dtype=np.uint8) % 10)
     )
 
-    result = run_in(workdir, "dvc", "repro")
+    reason = "feedback: 12 corrections waiting, past 10"  # as the flow passes it on
+    result = run_in(workdir, "dvc", "repro", env={"MNIST_TRAINING_REASON": reason})
     assert result.returncode == 0, result.stdout + result.stderr
     assert stages_run(result.stdout) == STAGES[1:]  # everything after ingest
     report = json.loads((workdir / "data/merge/report.json").read_text())
@@ -332,6 +333,7 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
     assert registration["version"] == versions_before + 1
     version = client_for(workdir).get_model_version(MODEL_NAME, registration["version"])
     assert version.tags["data_version"] == new_version
+    assert tags["training_reason"] == version.tags["training_reason"] == reason
     assert version.tags["decision"] in {"champion", "challenger", "none"}  # the gate decided
     # the evaluation report travels with the version, and names the data version it was trained on
     assert version.tags["evaluation_report"] == (

@@ -11,14 +11,12 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -27,9 +25,15 @@ from serving.app import create_app
 from serving.champion import Champion
 from serving.preprocess import mnist_digit
 from tests.browser import headless_chromium, needs_chromium
-from tests.conftest import PARAMS_PATH, REPO, make_arrays
-from tests.serving_support import GOOD, HIDDEN_NESTING, body, publish_versions, with_first_pixel
-from tests.team_support import free_port
+from tests.conftest import PARAMS_PATH, make_arrays
+from tests.serving_support import (
+    GOOD,
+    HIDDEN_NESTING,
+    body,
+    publish_versions,
+    serving_process,
+    with_first_pixel,
+)
 
 NAME = "mnist-classifier"
 MAX_BATCH = 8
@@ -321,51 +325,6 @@ def test_ready_is_503_with_the_reason_until_a_model_loads(
 def live_incoming(tmp_path_factory):
     """Where the live server saves corrections (never the checkout's data/incoming)."""
     return tmp_path_factory.mktemp("incoming")
-
-
-@contextlib.contextmanager
-def serving_process(store, folder, *args):
-    """`python -m serving.app *args` on a free loopback port with the test registry; its URL and
-    process. Stopped (and checked to have let go of its port) on exit."""
-    params = yaml.safe_load(PARAMS_PATH.read_text())
-    params["serve"]["poll_interval_s"] = 1
-    params["serve"]["log_dir"] = str(folder / "monitoring")
-    params_file = folder / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "PORT": str(port),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.app", "--params", str(params_file), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError("server not ready in 90 s")
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-    with pytest.raises(httpx.ConnectError):  # no worker process was left behind
-        httpx.get(f"{url}/health", timeout=2)
 
 
 @pytest.fixture(scope="module")

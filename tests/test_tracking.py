@@ -184,6 +184,7 @@ def test_dvc_lock_hashes_of_no_lock_or_an_empty_one_are_empty(tmp_path):
 def test_lineage_tags_name_the_commit_the_data_and_its_dvc_version(tmp_path, monkeypatch):
     # given a checkout (outside git) whose dvc.lock records the merged dataset
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.delenv(tracking.REASON_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(LOCK))
     # when a training run's tags are built
@@ -199,18 +200,24 @@ def test_lineage_tags_name_the_commit_the_data_and_its_dvc_version(tmp_path, mon
         "dvc.data/merge/report.json": "r7",
         "dvc.data/tune": "",
         "data_version": "d4.dir",
+        "training_reason": "not given",  # a plain dvc repro: no flow passed a reason
     }
     assert all(isinstance(value, str) for value in tags.values())  # what MLflow tags must be
 
 
 def test_lineage_tags_before_any_stage_ran_say_unknown(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.delenv(tracking.REASON_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert tracking.lineage_tags({}) == {
         "git_commit": "unknown",
         "data_source": "unknown",
         "data_version": "unknown",
+        "training_reason": "not given",
     }
+    # and a training the flow started for a reason carries it
+    monkeypatch.setenv(tracking.REASON_ENV, "data drift: 6 of 9 features")
+    assert tracking.lineage_tags({})["training_reason"] == "data drift: 6 of 9 features"
 
 
 # --- the training run, and the later stages that log onto it -----------------------------------
