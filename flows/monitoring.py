@@ -36,7 +36,9 @@ from prefect import flow, get_run_logger
 
 from flows.training import REPO_ROOT
 from pipelines.config import Params, load_params
+from pipelines.merge import INCOMING_DIR
 from pipelines.monitoring import check_window, image_features, read_log, report_html
+from pipelines.review import count_waiting
 
 CHECKED = "mnist.monitoring.checked"
 RETRAIN = "mnist.monitoring.retrain-requested"
@@ -58,11 +60,6 @@ def reference(root: Path, params: Params) -> tuple[Any, np.ndarray]:
     n = min(params.monitor.reference_images, len(data.x_train))
     sample = rng.choice(len(data.x_train), n, replace=False)
     return image_features(data.x_train[sample]), data.y_train
-
-
-def pending_feedback(incoming: Path) -> int:
-    """Corrections saved by the server that no training has taken in yet."""
-    return sum(1 for _ in incoming.glob("[0-9]/*.png")) if incoming.exists() else 0
 
 
 def monitoring_run(client, experiment: str, version: str) -> str:
@@ -154,7 +151,8 @@ def monitoring(
         emit(CHECKED, model_name, verdict)
         return verdict
     ref, labels = reference(repo, params)
-    feedback = pending_feedback(Path(incoming) if incoming else repo / "data" / "incoming")
+    # corrections waiting in the quarantine: many of them say the model gets digits wrong
+    feedback = count_waiting(Path(incoming) if incoming else repo / INCOMING_DIR)
     check = check_window(ref, labels, window, monitor.thresholds(), feedback)
     run_id = log_check(params, repo, version, check, window_end)
     verdict = {

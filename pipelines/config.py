@@ -44,6 +44,7 @@ class IngestParams(Section):
 class MergeParams(Section):
     on_bad_file: Literal["skip", "refuse"]  # skip: merge the good files; refuse: none of the batch
     max_files: int = Field(ge=1)  # a batch with more incoming files than this is refused
+    max_new_class_share: float = Field(gt=0)  # a batch adding more of one class is refused
 
 
 class ValidateParams(Section):
@@ -235,7 +236,9 @@ class ServeParams(Section):
     max_batch: int = Field(ge=1)  # images per request
     max_body_bytes: int = Field(ge=1)  # JSON request bodies
     max_upload_bytes: int = Field(ge=1)  # uploaded images
-    feedback: bool  # POST /feedback (the page's "correct this prediction") saves to data/incoming
+    feedback: bool  # POST /feedback (the page's "correct this prediction") queues for review
+    feedback_per_minute: int = Field(ge=1)  # corrections one client may send a minute, per worker
+    feedback_quota: int = Field(ge=1)  # corrections waiting for review, at most; then 429
     metrics: bool  # GET /metrics, Prometheus' text format
     log_inference: bool  # every answered image recorded to Parquet under log_dir, off the path
     log_dir: str = Field(min_length=1)

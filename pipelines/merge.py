@@ -50,7 +50,10 @@ from pipelines.data import (
 
 log = logging.getLogger("pipelines.merge")
 
-INCOMING_DIR = Path("data/incoming")  # also in dvc.yaml and used by the server's POST /feedback
+INCOMING_DIR = Path("data/incoming")  # also in dvc.yaml; reviewed corrections land here
+PENDING_DIR = (
+    "pending"  # under INCOMING_DIR: the server's corrections, unreviewed (pipelines/review.py)
+)
 IDX_PAIR = re.compile(r"^(?P<name>.+)-(?P<kind>images-idx3|labels-idx1)-ubyte(?:\.gz)?$")
 
 
@@ -104,10 +107,9 @@ def png_digit(data: bytes) -> np.ndarray:
     return array
 
 
-def save_incoming(digit: np.ndarray, label: int, incoming: Path = INCOMING_DIR) -> Path:
-    """Write one 28x28 uint8 digit (light ink on dark) as ``<incoming>/<label>/<hash>.png``, the
-    form ``scan`` reads: how the server's POST /feedback hands a corrected digit to training. The
-    name is the pixels' hash, so the same correction sent twice is one file."""
+def encode_digit(digit: np.ndarray, label: int) -> tuple[str, bytes]:
+    """One 28x28 uint8 digit (light ink on dark) as PNG bytes, and its file name: the pixels'
+    hash, so the same digit sent twice is one file."""
     import hashlib
 
     from PIL import Image
@@ -117,10 +119,7 @@ def save_incoming(digit: np.ndarray, label: int, incoming: Path = INCOMING_DIR) 
         raise ValueError(f"expected a 28x28 digit and a label 0-9, got {digit.shape} and {label}")
     buffer = io.BytesIO()
     Image.fromarray(digit, mode="L").save(buffer, format="PNG")
-    name = f"{hashlib.sha1(digit.tobytes()).hexdigest()[:16]}.png"
-    path = Path(incoming) / str(int(label)) / name
-    atomic_write_bytes(path, buffer.getvalue())  # its temporary name starts with ".": scan skips it
-    return path
+    return f"{hashlib.sha1(digit.tobytes()).hexdigest()[:16]}.png", buffer.getvalue()
 
 
 def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +149,9 @@ def scan(incoming: Path, params: MergeParams, test_hashes: set[bytes]) -> Batch:
     files = sorted(
         p
         for p in incoming.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(incoming).parts)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(incoming).parts)
+        and p.relative_to(incoming).parts[0] != PENDING_DIR  # not reviewed: not training data
     )
     if len(files) > params.max_files:
         batch.reject(
@@ -209,6 +210,21 @@ def scan(incoming: Path, params: MergeParams, test_hashes: set[bytes]) -> Batch:
     return batch
 
 
+def class_caps(batch: Batch, y_train: np.ndarray, max_share: float) -> list[str]:
+    """Each class whose new digits in ``batch`` pass ``max_share`` of its training digits, said
+    in words: one batch may not reshape a class (a flood of one mislabelled digit would)."""
+    if not batch.labels:
+        return []
+    new = np.bincount(np.concatenate(batch.labels), minlength=10)
+    have = np.bincount(y_train, minlength=10)
+    return [
+        f"class {digit}: {new[digit]} new digits, more than merge.max_new_class_share "
+        f"({max_share}) of its {have[digit]} training digits"
+        for digit in range(10)
+        if new[digit] > max_share * have[digit]
+    ]
+
+
 def merge(
     raw: Path,
     incoming: Path,
@@ -221,7 +237,8 @@ def merge(
     data = load_raw(raw, file_names)
     incoming.mkdir(parents=True, exist_ok=True)
     batch = scan(incoming, params, {image.tobytes() for image in data.x_test})
-    if batch.rejected and params.on_bad_file == "refuse":
+    over_cap = class_caps(batch, data.y_train, params.max_new_class_share)
+    if over_cap or batch.rejected and params.on_bad_file == "refuse":
         status = "refused"
     elif batch.digits:
         status = "merged"
@@ -233,6 +250,7 @@ def merge(
         "incoming_files": len(batch.accepted) + len(batch.rejected),
         "accepted_files": len(batch.accepted),
         "rejected_files": batch.rejected,
+        "over_class_cap": over_cap,
         "digits_added": batch.digits if status == "merged" else 0,
         "train_images": len(data.x_train) + (batch.digits if status == "merged" else 0),
         "test_images": len(data.x_test),
@@ -303,13 +321,16 @@ def main() -> None:
     )
     for item in report["rejected_files"]:
         log.warning("rejected %s/%s: %s", args.incoming, item["file"], item["reason"])
-    if report["status"] == "refused":
+    for reason in report["over_class_cap"]:
+        log.warning("incoming batch REFUSED: %s", reason)
+    if report["status"] == "refused" and not report["over_class_cap"]:
         log.warning(
             "incoming batch REFUSED (merge.on_bad_file=refuse): %d file(s) rejected, none of the "
             "%d merged; the training set is unchanged. Fix or remove them and run again.",
             len(report["rejected_files"]),
             report["incoming_files"],
         )
+    if report["status"] == "refused":
         record_refusal(params.tracking.experiment, Path(args.report))
     log.info(
         "%s: %d digit(s) added from %d file(s); training set %d images, test set %d (unchanged)",

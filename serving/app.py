@@ -8,8 +8,10 @@ predict endpoints while no model is loaded; ``/ready`` says 503 ``{"ready": fals
   POST /v1/models/mnist-classifier:predict  TensorFlow Serving's REST predict API (row format)
   POST /predict                             the same body; digit, probabilities and model version
   POST /predict/image                       an uploaded PNG/JPEG of one digit (MNIST preprocessing)
-  POST /feedback                            a corrected digit, saved to data/incoming/<label>/ for
-                                            the next training (the page's "correct" button)
+  POST /feedback                            a corrected digit, queued for review in
+                                            data/incoming/pending/ (the page's "correct" button);
+                                            needs MNIST_SERVE_TOKEN when set (and it must be set
+                                            whenever the server binds beyond loopback)
   GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
   GET  /metrics                             Prometheus' text format (serving.metrics; serve.metrics)
   GET  /                                    the drawing page
@@ -40,6 +42,20 @@ from serving.metrics import MULTIPROC_ENV, RequestMetrics, ServerMetrics
 from serving.routes import IMAGE_PATH, add_routes
 from serving.workers import run_server
 
+TOKEN_ENV = "MNIST_SERVE_TOKEN"  # the write token; from the environment, never from a file in git
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
 
 def create_app(
     params: Params,
@@ -47,10 +63,12 @@ def create_app(
     poll: bool = True,
     incoming_dir: Path = INCOMING_DIR,
     log_dir: Path | None = None,
+    write_token: str | None = None,
 ) -> FastAPI:
     """The application. ``champion`` defaults to ``models:/<register.model_name>@<champion_alias>``;
     corrections (POST /feedback) are saved under ``incoming_dir`` for the merge stage, and the
-    inference log goes to ``log_dir`` (default ``serve.log_dir``)."""
+    inference log goes to ``log_dir`` (default ``serve.log_dir``). ``write_token`` (default:
+    MNIST_SERVE_TOKEN from the environment) is what POST /feedback requires when given."""
     serve: ServeParams = params.serve
     name = params.register.model_name
     champion = champion or Champion(
@@ -95,7 +113,8 @@ def create_app(
     app.state.champion = champion
     app.state.metrics, app.state.inference_log = metrics, inference_log
     add_error_handlers(app)
-    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log)
+    token = write_token or os.environ.get(TOKEN_ENV) or None
+    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log, token)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=serve.max_body_bytes,
@@ -149,6 +168,11 @@ def main() -> None:
     host = args.host or params.serve.host
     port = args.port or int(os.environ.get("PORT", params.serve.port))
     workers = args.workers or params.serve.workers
+    if not is_loopback(host) and not os.environ.get(TOKEN_ENV):
+        parser.error(
+            f"--host/serve.host is {host}, beyond loopback: set {TOKEN_ENV} to a secret, which "
+            "POST /feedback will then require (Authorization: Bearer <token>)"
+        )
     log_dir = Path(args.log_dir) if args.log_dir else None
     if workers == 1:
         app = create_app(params, incoming_dir=Path(args.incoming), log_dir=log_dir)

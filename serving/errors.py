@@ -12,14 +12,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 class InputError(ValueError):
     """A request the server refuses: status, the field at fault, and why."""
 
-    def __init__(self, status: int, field: str, message: str):
+    def __init__(self, status: int, field: str, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.field, self.message = status, field, message
+        self.status, self.field, self.message, self.headers = status, field, message, headers
 
 
-def error(status: int, field: str, message: str) -> JSONResponse:
+def error(status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
     """A refusal in the API's error format."""
-    return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
+    body = {"error": f"{field}: {message}", "field": field}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -27,7 +28,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
-        return error(exc.status, exc.field, exc.message)
+        return error(exc.status, exc.field, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(

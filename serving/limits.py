@@ -1,7 +1,11 @@
-"""The request size limit: an ASGI middleware that refuses a body over its limit with a 413 before
-the body is read, so an oversized upload costs the server neither the memory nor the time."""
+"""The server's limits: the request size (an ASGI middleware that refuses a body over its limit
+with a 413 before the body is read, so an oversized upload costs the server neither the memory
+nor the time), and the rate at which one client may send corrections."""
 
 from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,3 +75,29 @@ class TooLarge(HTTPException):
     def __init__(self, field: str, size: int, limit: int):
         super().__init__(413, f"is {size:,} bytes or more; the limit is {limit:,} bytes")
         self.field = field
+
+
+class RateLimit:
+    """At most ``per_minute`` events per key in any 60 seconds (a sliding window per client).
+
+    The table of keys is bounded: past ``max_keys`` clients the one seen longest ago is forgotten,
+    so a flood of addresses cannot grow the server's memory.
+    """
+
+    def __init__(self, per_minute: int, max_keys: int = 10_000, clock=time.monotonic) -> None:
+        self.per_minute, self.max_keys, self.clock = per_minute, max_keys, clock
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def allow(self, key: str) -> float | None:
+        """Count one event for ``key``; None if allowed, else the seconds until it would be."""
+        now = self.clock()
+        times = self._seen.pop(key, None) or deque()
+        while times and now - times[0] >= 60:
+            times.popleft()
+        self._seen[key] = times  # most recently seen last
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        if len(times) >= self.per_minute:
+            return 60 - (now - times[0])
+        times.append(now)
+        return None

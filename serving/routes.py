@@ -7,22 +7,24 @@ descriptions: renaming or rewording one changes the served document.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Header, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from pipelines.config import ServeParams
 from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
-from pipelines.merge import save_incoming
+from pipelines.review import count_waiting, save_pending
 from serving.champion import Champion, Loaded
 from serving.errors import InputError
 from serving.inference_log import Answered, InferenceLog
+from serving.limits import RateLimit
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.parsing import parse_instances, read_image, read_upload
 
@@ -85,9 +87,11 @@ def add_routes(
     incoming_dir: Path,
     metrics: ServerMetrics | None = None,
     inference_log: InferenceLog | None = None,
+    write_token: str | None = None,
 ) -> None:
     """Add the API's routes to ``app``, each reading ``champion.current`` when it answers. Each
-    answer is counted in ``metrics`` and queued to ``inference_log`` where they are given."""
+    answer is counted in ``metrics`` and queued to ``inference_log`` where they are given. With
+    ``write_token``, POST /feedback (the one write) needs ``Authorization: Bearer <token>``."""
     # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
     # more route to match through on every request.
 
@@ -159,26 +163,79 @@ def add_routes(
         if metrics is not None:
             metrics.feedback.labels(outcome=outcome).inc()
 
+    rate = RateLimit(serve.feedback_per_minute)
+
     @app.post("/feedback", status_code=201)
-    async def feedback(correction: Correction) -> dict[str, Any]:
-        """Save a corrected digit as ``data/incoming/<label>/*.png``: the next training run's merge
-        stage checks it and adds it to the training set."""
+    async def feedback(
+        correction: Correction,
+        request: Request,
+        authorization: str | None = Header(default=None),  # noqa: B008
+    ) -> dict[str, Any]:
+        """Queue a corrected digit for review in ``data/incoming/pending/``, with the served
+        model's answer: once a reviewer accepts it (``python -m pipelines.review``), the next
+        training run's merge stage adds it to the training set."""
         if not serve.feedback:
             count_feedback("switched_off")
             raise InputError(403, "feedback", "is switched off here (serve.feedback: false)")
+        if write_token is not None and not secrets.compare_digest(
+            (authorization or "").encode(), f"Bearer {write_token}".encode()
+        ):
+            count_feedback("unauthorized")
+            raise InputError(
+                401,
+                "authorization",
+                "this server takes corrections only with its token (Authorization: Bearer ...)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        client = request.client.host if request.client else "unknown"
+        wait = rate.allow(client)
+        if wait is not None:
+            count_feedback("rate_limited")
+            raise InputError(
+                429,
+                "feedback",
+                f"at most {serve.feedback_per_minute} corrections a minute from one client "
+                f"(serve.feedback_per_minute); try again in {wait:.0f} s",
+                {"Retry-After": str(max(1, round(wait)))},
+            )
+        waiting = count_waiting(incoming_dir)
+        if waiting >= serve.feedback_quota:
+            count_feedback("quota_full")
+            raise InputError(
+                429,
+                "feedback",
+                f"{waiting} corrections already wait for review (serve.feedback_quota is "
+                f"{serve.feedback_quota}); none is taken until they are reviewed",
+            )
         try:
             image = read_image(correction.image, "image")
         except InputError:
             count_feedback("invalid")
             raise
         digit = np.round(image * 255).astype(np.uint8)
-        path = save_incoming(digit, correction.label, incoming_dir)
-        log.info("correction saved: %s", path)
-        count_feedback("saved")
+        answer = {}
+        loaded = champion.current
+        if loaded is not None:  # what the model says, for the reviewer
+            probs = loaded.predictor.predict(digit[None, ..., None])[0]
+            answer = {
+                "digit": int(probs.argmax()),
+                "confidence": float(probs.max()),
+                "version": loaded.version,
+            }
+        meta = {
+            "answer": answer,
+            "client": client,
+            "received_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        path = save_pending(digit, correction.label, meta, incoming_dir)
+        log.info("correction queued for review: %s", path)
+        count_feedback("queued")
         return {
             "saved": str(path),
             "label": correction.label,
-            "note": "joins the training set at the next training run (merge stage)",
+            "status": "pending review",
+            "note": "waits in quarantine until reviewed (python -m pipelines.review); "
+            "accepted digits join the next training run (merge stage)",
         }
 
     @app.get("/health")

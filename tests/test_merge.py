@@ -37,13 +37,15 @@ def incoming(tmp_path: Path) -> Path:
     return folder
 
 
-def run_merge(tmp_path, raw_dir, incoming, params, on_bad_file="skip"):
+def run_merge(tmp_path, raw_dir, incoming, params, on_bad_file="skip", max_new_class_share=1.0):
     out, report_path = tmp_path / "dataset", tmp_path / "merge" / "report.json"
     report = merge(
         raw_dir,
         incoming,
         out,
-        MergeParams(on_bad_file=on_bad_file, max_files=1000),
+        MergeParams(
+            on_bad_file=on_bad_file, max_files=1000, max_new_class_share=max_new_class_share
+        ),
         params.ingest.file_names,
         report_path,
     )
@@ -151,7 +153,7 @@ def test_refuse_merges_nothing_and_keeps_the_data_version(tmp_path, raw_dir, inc
         raw_dir,
         empty,
         tmp_path / "dataset-empty",
-        MergeParams(on_bad_file="refuse", max_files=10),
+        MergeParams(on_bad_file="refuse", max_files=10, max_new_class_share=1.0),
         params.ingest.file_names,
     )
     assert other_out["status"] == "nothing new"
@@ -188,3 +190,36 @@ def test_png_digit_inverts_light_paper_and_refuses_blank():
         buffer = io.BytesIO()
         Image.fromarray(digit).save(buffer, format="JPEG")
         png_digit(buffer.getvalue())
+
+
+def test_a_flood_of_one_class_is_refused_and_the_quarantine_is_not_read(
+    tmp_path, raw_dir, incoming, params
+):
+    from pipelines.merge import PENDING_DIR
+
+    digits = new_digits(12)
+    raw = load_raw(raw_dir, params.ingest.file_names)
+    sevens = int((raw.y_train == 7).sum())
+    # given more new 7s than a tenth of the 7s in the training set, and unreviewed corrections
+    cap = 0.1
+    flood = int(cap * sevens) + 1
+    (incoming / "7").mkdir()
+    for i in range(flood):
+        (incoming / "7" / f"{i}.png").write_bytes(png_bytes(np.roll(digits[i % 12], i, axis=1)))
+    (incoming / PENDING_DIR).mkdir()
+    (incoming / PENDING_DIR / "f00d.png").write_bytes(png_bytes(digits[0]))
+    (incoming / PENDING_DIR / "f00d.json").write_text("{}")
+    # when merge runs with the cap
+    out, report = run_merge(tmp_path, raw_dir, incoming, params, max_new_class_share=cap)
+    # then nothing joins the training set, and the report names the class and the numbers
+    assert report["status"] == "refused" and report["digits_added"] == 0
+    assert report["over_class_cap"] == [
+        f"class 7: {flood} new digits, more than merge.max_new_class_share (0.1) of its "
+        f"{sevens} training digits"
+    ]
+    assert file_bytes(out, params) == file_bytes(raw_dir, params)
+    # and the quarantine was neither merged nor rejected as a bad file
+    assert report["rejected_files"] == [] and report["incoming_files"] == flood
+    # under the cap the same batch merges
+    _, report = run_merge(tmp_path, raw_dir, incoming, params, max_new_class_share=1.0)
+    assert report["status"] == "merged" and report["digits_added"] == flood

@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -25,7 +26,7 @@ from serving.app import create_app
 from serving.champion import Champion
 from serving.preprocess import mnist_digit
 from tests.browser import headless_chromium, needs_chromium
-from tests.conftest import PARAMS_PATH, make_arrays
+from tests.conftest import PARAMS_PATH, REPO, make_arrays
 from tests.serving_support import (
     GOOD,
     HIDDEN_NESTING,
@@ -526,21 +527,28 @@ def test_chunked_upload_over_the_limit_gets_413_while_streaming(live_server):
     assert sent < 20 * 1024 * 1024 // 2
 
 
-def test_feedback_saves_the_corrected_digit_where_the_merge_stage_reads_it(
-    served, registry, tmp_path
-):
+def test_feedback_queues_the_digit_for_review_with_the_model_answer(served, registry, tmp_path):
+    import json
+
     from pipelines.merge import png_digit
 
     client, _ = served
-    _, _, x_test = registry
+    _, model, x_test = registry
+    pending = tmp_path / "incoming" / "pending"
     for scale in (1, 255):  # 0-1 floats and 0-255 integers are the same digit
         image = (x_test[3] / 255.0).tolist() if scale == 1 else x_test[3].tolist()
         answer = client.post("/feedback", json={"image": image, "label": 7})
         assert answer.status_code == 201, answer.text
-        saved = tmp_path / "incoming" / "7" / answer.json()["saved"].rsplit("/", 1)[1]
-        assert saved.is_file() and saved.parent.name == "7"
+        assert answer.json()["status"] == "pending review"
+        saved = pending / answer.json()["saved"].rsplit("/", 1)[1]
         np.testing.assert_array_equal(png_digit(saved.read_bytes()), x_test[3])
-    assert len(list((tmp_path / "incoming" / "7").glob("*.png"))) == 1  # same digit, same name
+    assert len(list(pending.glob("*.png"))) == 1  # same digit, same name
+    # the record says what the user said and what the model answered, for the reviewer
+    record = json.loads(saved.with_suffix(".json").read_text())
+    expected = model.predict(x_test[3][None, ..., None] / 255.0, verbose=0)[0]
+    assert record["label"] == 7 and record["answer"]["version"] == "1"
+    assert record["answer"]["digit"] == int(expected.argmax())
+    assert record["client"] == "testclient" and record["received_at"]
     bad = [
         ({"image": x_test[3].tolist(), "label": 12}, "label"),
         ({"image": x_test[3][:5].tolist(), "label": 1}, "image"),
@@ -551,7 +559,68 @@ def test_feedback_saves_the_corrected_digit_where_the_merge_stage_reads_it(
         answer = client.post("/feedback", json=payload)
         assert answer.status_code == 422, (payload, answer.text)
         assert answer.json()["field"] == field, answer.json()
-    assert [p.name for p in (tmp_path / "incoming").iterdir()] == ["7"]
+    # nothing reaches the folders merge reads before a review
+    assert [p.name for p in (tmp_path / "incoming").iterdir()] == ["pending"]
+    assert len(list(pending.iterdir())) == 2  # the one PNG and its record
+
+
+def test_feedback_limits_answer_429_or_401_and_keep_nothing(
+    registry, test_params, monkeypatch, tmp_path
+):
+    store, _, x_test = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    pending = tmp_path / "incoming" / "pending"
+
+    def app_with(token=None, **serve):
+        params = test_params.model_copy(
+            update={"serve": test_params.serve.model_copy(update=serve)}
+        )
+        return create_app(params, poll=False, incoming_dir=tmp_path / "incoming", write_token=token)
+
+    def correction(i):
+        return {"image": np.roll(x_test[0], i, axis=1).tolist(), "label": 1}
+
+    # the rate per client: the third correction within a minute is refused
+    with TestClient(app_with(feedback_per_minute=2)) as client:
+        assert [client.post("/feedback", json=correction(i)).status_code for i in range(2)] == [
+            201,
+            201,
+        ]
+        refused = client.post("/feedback", json=correction(2))
+        assert refused.status_code == 429 and refused.json()["field"] == "feedback"
+        assert "at most 2 corrections a minute" in refused.json()["error"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        metrics = client.get("/metrics").text
+        assert 'mnist_feedback_total{outcome="rate_limited"} 1.0' in metrics
+    assert len(list(pending.glob("*.png"))) == 2
+    # the quota: two wait already, so with a quota of 2 the next one is refused
+    with TestClient(app_with(feedback_quota=2)) as client:
+        refused = client.post("/feedback", json=correction(3))
+        assert (
+            refused.status_code == 429 and "2 corrections already wait" in refused.json()["error"]
+        )
+    assert len(list(pending.glob("*.png"))) == 2
+    # the token: without it, or with another, 401; with it, accepted
+    with TestClient(app_with(token="s3cret")) as client:
+        for headers in ({}, {"Authorization": "Bearer guess"}):
+            refused = client.post("/feedback", json=correction(4), headers=headers)
+            assert refused.status_code == 401 and refused.json()["field"] == "authorization"
+            assert refused.headers["WWW-Authenticate"] == "Bearer"
+        assert len(list(pending.glob("*.png"))) == 2
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/feedback", json=correction(4), headers=good).status_code == 201
+    assert len(list(pending.glob("*.png"))) == 3
+
+
+def test_serving_beyond_loopback_without_a_token_is_refused_at_start():
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_SERVE_TOKEN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.app", "--host", "0.0.0.0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "0.0.0.0, beyond loopback: set MNIST_SERVE_TOKEN" in done.stderr
 
 
 def test_feedback_can_be_switched_off(registry, test_params, monkeypatch, tmp_path):
@@ -625,7 +694,7 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_i
     ink = np.array(answer["input"])
     from pipelines.merge import png_digit
 
-    (saved,) = (live_incoming / "4").glob("*.png")
+    (saved,) = (live_incoming / "pending").glob("*.png")  # waiting for review
     np.testing.assert_array_equal(png_digit(saved.read_bytes()), ink)
     rows = np.flatnonzero(ink.max(axis=1) > 50)
     cols = np.flatnonzero(ink.max(axis=0) > 50)
