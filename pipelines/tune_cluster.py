@@ -73,14 +73,29 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return (optuna.exceptions.StorageInternalError, DBAPIError)
 
 
+def from_storage(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage error, or was raised while one was being handled.
+
+    The second case is real: when the database goes away while Optuna finishes a trial, the
+    storage error inside ``_run_trial``'s ``finally`` leaves a local unset, and what reaches the
+    caller is an UnboundLocalError whose context is the storage error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, storage_errors()):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def retrying(what: str, call, wait_s: float = STORAGE_WAIT_S):
     """``call()``, retried while the study's database is away, for up to ``wait_s`` seconds."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             return call()
-        except storage_errors() as exc:
-            if time.monotonic() > deadline:
+        except Exception as exc:
+            if not from_storage(exc) or time.monotonic() > deadline:
                 raise
             log.warning("%s: the study's storage is away (%s); retrying", what, type(exc).__name__)
             time.sleep(STORAGE_RETRY_S)

@@ -224,3 +224,26 @@ def test_postgresql_restarted_mid_study_the_workers_reconnect_and_it_finishes(
         # what finished before the restart is kept as it was; at most the two running are lost
         assert {n: study.trials[n].value for n in kept} == kept
         assert len(states) - 4 <= 2, states
+
+
+def test_an_error_raised_while_a_storage_error_was_handled_is_retried(monkeypatch) -> None:
+    """Optuna's _run_trial turns a storage error in its ``finally`` into an UnboundLocalError
+    whose context is the storage error: that too means the database was away."""
+    from pipelines import tune_cluster
+
+    monkeypatch.setattr(tune_cluster, "STORAGE_RETRY_S", 0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise optuna.exceptions.StorageInternalError("the commit failed")
+            finally:
+                updated_state  # noqa: B018, F821 - what optuna's finally block meets
+        return "done"
+
+    assert tune_cluster.retrying("task 0", flaky, wait_s=5) == "done" and len(calls) == 2
+    # an error of the trial's own is not retried
+    with pytest.raises(ZeroDivisionError):
+        tune_cluster.retrying("task 1", lambda: 1 / 0, wait_s=5)
