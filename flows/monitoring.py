@@ -37,7 +37,13 @@ from prefect import flow, get_run_logger
 from flows.training import REPO_ROOT
 from pipelines.config import Params, load_params
 from pipelines.merge import INCOMING_DIR
-from pipelines.monitoring import check_window, image_features, read_log, report_html
+from pipelines.monitoring import (
+    Thresholds,
+    check_window,
+    image_features,
+    read_log,
+    report_html,
+)
 from pipelines.review import count_waiting
 
 CHECKED = "mnist.monitoring.checked"
@@ -96,7 +102,7 @@ def log_check(params: Params, root: Path, version: str, check, window_end: datet
     metrics = [Metric(k, float(v), stamp, step) for k, v in check.metrics().items()]
     client.log_batch(run_id, metrics=metrics)
     title = f"Drift check of v{version}, window ending {window_end:%Y-%m-%d %H:%M} UTC"
-    html = report_html(check, params.monitor.thresholds(), title)
+    html = report_html(check, Thresholds.of(params.monitor), title)
     client.log_text(run_id, html, f"reports/{window_end:%Y%m%dT%H%M%S}.html")
     client.set_tag(run_id, "last_reasons", "; ".join(check.reasons) or "none")
     return run_id
@@ -153,7 +159,7 @@ def monitoring(
     ref, labels = reference(repo, params)
     # corrections waiting in the quarantine: many of them say the model gets digits wrong
     feedback = count_waiting(Path(incoming) if incoming else repo / INCOMING_DIR)
-    check = check_window(ref, labels, window, monitor.thresholds(), feedback)
+    check = check_window(ref, labels, window, Thresholds.of(monitor), feedback)
     run_id = log_check(params, repo, version, check, window_end)
     verdict = {
         "records": check.records,

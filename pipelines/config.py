@@ -269,18 +269,6 @@ class MonitorParams(Section):
     max_feedback: int = Field(ge=0)  # corrections waiting in the quarantine
     retrain_deployment: str = Field(pattern=r"^[^/]+/[^/]+$")  # what the automation runs
 
-    def thresholds(self):
-        from pipelines.monitoring import Thresholds
-
-        return Thresholds(
-            feature_distance=self.feature_distance,
-            drift_share=self.drift_share,
-            prediction_distance=self.prediction_distance,
-            low_confidence=self.low_confidence,
-            max_low_confidence_share=self.max_low_confidence_share,
-            max_feedback=self.max_feedback,
-        )
-
 
 class TrackingParams(Section):
     experiment: str

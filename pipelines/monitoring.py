@@ -10,7 +10,7 @@ blank digit cannot pass for one in the corner.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -132,6 +132,11 @@ class Thresholds:
     low_confidence: float  # an answer whose top probability is under this is a low-confidence one
     max_low_confidence_share: float
     max_feedback: int  # corrections waiting for review
+
+    @classmethod
+    def of(cls, monitor) -> Thresholds:
+        """The thresholds of a ``MonitorParams`` (params.yaml's ``monitor`` section)."""
+        return cls(**{f.name: getattr(monitor, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

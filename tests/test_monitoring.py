@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.monitoring import (
     FEATURES,
+    Thresholds,
     answer_summary,
     check_window,
     image_features,
@@ -157,7 +158,7 @@ def thresholds(**changes):
     from pipelines.config import load_params
     from tests.conftest import PARAMS_PATH
 
-    base = load_params(PARAMS_PATH).monitor.thresholds()
+    base = Thresholds.of(load_params(PARAMS_PATH).monitor)
     return dataclasses.replace(base, **changes)
 
 
