@@ -21,6 +21,11 @@ range.
 Goals at 32 clients: p99 <= 15 ms and >= 50% of CONSTANT's rate. The client runs on the same
 2 cores as the server, so both figures include its cost.
 
+With ``--monitoring``, a third server joins the pairs: the real server with its metrics and its
+inference log switched off (``serve.metrics`` and ``serve.log_inference`` false), the baseline
+that PREDICT (both on, as params.yaml has them) is compared with, slice by slice, to price the
+monitoring's cost on the request path. Its log goes to a temporary folder.
+
 Then batch throughput at batch 256: the served runtime (and ONNX Runtime) against Keras ``predict``.
 
     python -m benchmarks.serve_load                 # needs a champion (make run) and data/export
@@ -33,16 +38,27 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 GOAL_P99_MS = 15.0
 GOAL_SHARE = 0.5
+UNMONITORED = "UNMONITORED"  # --monitoring: the real server, metrics and inference log off
+
+
+def count_logged(folder: Path) -> int:
+    """Rows in an inference log folder (0 when there is none)."""
+    from pipelines.monitoring import read_log
+
+    return len(read_log(folder))
 
 
 def free_port() -> int:
@@ -352,18 +368,38 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, help="server processes of both servers (default: serve.workers)"
     )
+    parser.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also the server without metrics and inference log: the cost of both",
+    )
     args = parser.parse_args()
     params = load_params(args.params)
+    scratch = Path(tempfile.mkdtemp(prefix="mnist-bench-serve-"))
 
     from pipelines.data import load_raw
 
     data = load_raw(Path("data/raw"), params.ingest.file_names)
     body = json.dumps({"instances": [data.x_test[0].tolist()]}).encode()
     workers = ["--workers", str(args.workers or params.serve.workers)]
+    logged = ["--log-dir", str(scratch / "monitoring")]  # never the checkout's data/monitoring
     servers = {
         "CONSTANT": (["benchmarks.constant_app", *workers], "/ready", "/predict"),
-        "PREDICT": (["serving.app", "--params", args.params, *workers], "/ready", "/predict"),
+        "PREDICT": (
+            ["serving.app", "--params", args.params, *workers, *logged],
+            "/ready",
+            "/predict",
+        ),
     }
+    if args.monitoring:
+        quiet = yaml.safe_load(Path(args.params).read_text())
+        quiet["serve"].update(metrics=False, log_inference=False)
+        (scratch / "params.yaml").write_text(yaml.safe_dump(quiet))
+        servers[UNMONITORED] = (
+            ["serving.app", "--params", str(scratch / "params.yaml"), *workers, *logged],
+            "/ready",
+            "/predict",
+        )
     running: dict[str, subprocess.Popen] = {}
     try:
         targets = {}
@@ -389,6 +425,8 @@ def main() -> None:
             process.terminate()
         for process in running.values():
             process.wait(timeout=20)
+        logged_rows = count_logged(scratch / "monitoring")
+        shutil.rmtree(scratch, ignore_errors=True)
     results = {name: [pooled(slices[n][name]) for n in args.clients] for name in servers}
 
     print(
@@ -420,6 +458,22 @@ def main() -> None:
                 f"{'met' if predict_row['p99_ms'] <= GOAL_P99_MS else 'NOT met'})"
             )
         print(line)
+
+    if args.monitoring:
+        print(f"\nthe monitoring's cost: PREDICT against {UNMONITORED} (baseline), paired slices")
+        print(
+            f"{'clients':>7} {'p99 off':>8} {'p99 on':>7} {'p99 on/off':>10} {'req/s on/off':>13}"
+        )
+        for i, n in enumerate(args.clients):
+            on, off = results["PREDICT"][i], results[UNMONITORED][i]
+            pairs = zip(slices[n]["PREDICT"], slices[n][UNMONITORED], strict=True)
+            ratios = [p["rps"] / q["rps"] for p, q in pairs]
+            print(
+                f"{n:7d} {off['p99_ms']:8.2f} {on['p99_ms']:7.2f} "
+                f"{on['p99_ms'] / off['p99_ms']:9.2f}x {float(np.median(ratios)):12.3f}x"
+                f"  (rounds {min(ratios):.3f}-{max(ratios):.3f})"
+            )
+        print(f"inference log rows written by PREDICT: {logged_rows}")
 
     print("\nbatch of 256 test images, one thread per runtime (median of", args.repeats, "calls)")
     rows = batch_throughput(params, args.repeats)

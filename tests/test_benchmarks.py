@@ -209,3 +209,23 @@ def test_scale_benchmark_prints_each_part_against_its_baseline(raw_dir: Path) ->
     assert set(d) == {"one at a time (baseline)", "all in flight"}, out
     # and the projection's inputs, from every part
     assert re.search(r"^projection inputs: a trial of .* trials/h\)\.$", out, re.MULTILINE), out
+
+
+def test_drift_thresholds_benchmark_prints_each_window_and_shift(raw_dir: Path, tmp_path) -> None:
+    # when the benchmark runs on the tiny dataset without a model (the labels stand in)
+    out = run_benchmark(
+        "benchmarks.drift_thresholds", "--raw", str(raw_dir), "--window", "40", "--windows", "1",
+        "--export", str(tmp_path / "none"),
+    )  # fmt: skip
+    # then every window is printed unshifted and after each shift, with its figures
+    from pipelines.shifts import SHIFTS
+
+    rows = re.findall(
+        r"^(MNIST test, [\w ]+?)\s{2,}(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", out, re.M
+    )
+    assert {(w, s) for w, s, *_ in rows} == {
+        (w, s) for w in ("MNIST test, random 1", "MNIST test, 2nd half") for s in ("none", *SHIFTS)
+    }, out
+    assert "model: none (labels)" in out
+    inverted = [float(share) for _, s, _, share, _ in rows if s == "inverted"]
+    assert all(share >= 0.5 for share in inverted), out  # an inverted window drifts, always

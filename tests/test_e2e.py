@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -222,19 +223,27 @@ def test_serve_load_benchmark_runs_against_the_champion(repro):
         "100",
         "--repeats",
         "1",
+        "--monitoring",
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    table = [row for row in rows if row and row[0] in ("CONSTANT", "PREDICT")]
+    table = [row for row in rows if row and row[0] in ("CONSTANT", "PREDICT", "UNMONITORED")]
     assert [(row[0], row[1]) for row in table] == [
         ("CONSTANT", "1"),
         ("CONSTANT", "32"),
         ("PREDICT", "1"),
         ("PREDICT", "32"),
+        ("UNMONITORED", "1"),
+        ("UNMONITORED", "32"),
     ]
     assert all(int(row[2]) > 0 and int(row[3]) == 0 for row in table)  # answered, none failed
     assert "32 client(s): PREDICT/CONSTANT req/s" in result.stdout
+    # and the monitoring's cost, against the same server without it, for each setting
+    cost = re.findall(r"^\s+(1|32)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+[\d.]+x", result.stdout, re.M)
+    assert cost == ["1", "32"], result.stdout
+    logged = int(re.search(r"inference log rows written by PREDICT: (\d+)", result.stdout)[1])
+    assert logged > 0  # PREDICT logged what it answered; the baseline did not
     assert "Keras predict (baseline)" in result.stdout and "model.onnx" in result.stdout
 
 
