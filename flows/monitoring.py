@@ -19,6 +19,8 @@ and emits. Per check:
   ``mnist.monitoring.retrain-requested`` with the reasons in its payload. The project's
   automation (``flows/automations.py``) turns that into a run of ``monitor.retrain_deployment``
   whose ``reason`` parameter carries them to the MLflow run and the model version.
+- **The shadow gate**: with ``register.shadow_min_requests`` on, ``pipelines.shadow`` then decides
+  on a challenger waiting in shadow (its result is the verdict's ``shadow``).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def monitoring(
         }
         logger.info("%s", verdict["verdict"])
         emit(CHECKED, model_name, verdict)
-        return verdict
+        return verdict | shadow_gate(params, repo, log_path)
     ref, labels = reference(repo, params)
     # corrections waiting in the quarantine: many of them say the model gets digits wrong
     feedback = count_waiting(Path(incoming) if incoming else repo / INCOMING_DIR)
@@ -184,7 +186,22 @@ def monitoring(
     emit(CHECKED, model_name, verdict)
     if check.reasons:
         emit(RETRAIN, model_name, verdict)
-    return verdict
+    return verdict | shadow_gate(params, repo, log_path)
+
+
+def shadow_gate(params: Params, repo: Path, log_path: Path) -> dict[str, Any]:
+    """With register.shadow_min_requests on, the shadow gate after each check
+    (``pipelines.shadow``): a challenger that has agreed with the champion on enough requests
+    takes ``champion``. ``{"shadow": result}``, or nothing while the gate is off."""
+    if params.register.shadow_min_requests == 0:
+        return {}
+    from pipelines import tracking
+    from pipelines.shadow import promote_from_shadow
+
+    tracking.use_store(repo)
+    result = promote_from_shadow(tracking.client(), params.register, log_path)
+    get_run_logger().info("shadow gate: %s, %s", result["outcome"], result["reason"])
+    return {"shadow": result}
 
 
 def main() -> None:

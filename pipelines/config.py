@@ -224,6 +224,10 @@ class RegisterParams(Section):
     min_accuracy: float = Field(ge=0, le=1)
     serve_check_images: int = Field(ge=1)  # test images the served format must predict
     max_served_drop: float = Field(ge=0, le=1)  # ... losing at most this accuracy against Keras
+    shadow_min_requests: int = Field(ge=0)  # 0: off; else a better candidate serves in shadow first
+    shadow_min_agreement: float = Field(
+        ge=0, le=1
+    )  # ... and must agree this often to take champion
 
 
 class ServeParams(Section):
@@ -245,6 +249,7 @@ class ServeParams(Section):
     log_images: bool  # keep the 28x28 pixels in the log too (off: only the summary features)
     log_max_mb: float = Field(gt=0)  # the log's size cap: the oldest files go first
     log_flush_s: float = Field(gt=0)  # how often the log's writer thread writes what has queued
+    shadow: str | None = Field(min_length=1)  # an alias scored beside the served one (None: off)
 
 
 class DeployParams(Section):
@@ -315,6 +320,15 @@ class Params(Section):
                 node = node[part]
             if isinstance(node, dict):
                 raise ValueError(f"tune.space: {key!r} is a section, not a single setting")
+        return self
+
+    @model_validator(mode="after")
+    def _shadow_is_another_alias(self) -> Params:
+        if self.serve.shadow == self.register.champion_alias:
+            raise ValueError(
+                f"serve.shadow: {self.serve.shadow!r} is the served alias itself "
+                f"(register.champion_alias); name the challenger's ({self.register.challenger_alias!r})"
+            )
         return self
 
 

@@ -8,7 +8,10 @@ Gate, in order:
      (``pipelines.runtime.load_registered``), must predict ``register.serve_check_images`` test
      images losing at most ``register.max_served_drop`` accuracy against Keras;
   4. no champion yet -> ``champion``; otherwise the current champion is re-scored on this very
-     test set, and the candidate takes ``champion`` only if strictly better, else ``challenger``.
+     test set, and the candidate takes ``champion`` only if strictly better, else ``challenger``;
+  5. with ``register.shadow_min_requests`` above 0, a candidate that beats the champion gets
+     ``challenger`` instead, tagged ``shadow_pending`` (the champion it beat): ``pipelines.shadow``
+     promotes it once it has agreed with the champion on enough served requests.
 The exports and their parity report are attached to the version (files of its logged model, and
 tags). Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
 If anything fails after the version is created and before its alias is set, the version is deleted.
@@ -44,6 +47,7 @@ log = logging.getLogger("pipelines.register")
 LOAD_CHECK_IMAGES = 512  # test images the registry round-trip check predicts
 PROBABILITY_TOLERANCE = 1e-4  # largest allowed probability difference in that check
 REPORT_ARTIFACT = "evaluation_report.html"  # evaluate's report, among the version's artifacts
+SHADOW_PENDING_TAG = "shadow_pending"  # on a version waiting in shadow: the champion it beat
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Decision:
 
     alias: str | None
     reason: str
+    shadow: bool = False  # the alias is challenger until the shadow's evidence is in
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,16 @@ def decide_promotion(params: RegisterParams, evidence: Evidence) -> Decision:
         return Decision(params.champion_alias, reason)
     versus = f"champion v{evidence.champion_version}: {accuracy:.4%}"
     if accuracy > champion:
-        return Decision(
-            params.champion_alias, f"beats {versus} > {champion:.4%} on the same test set"
-        )
+        beats = f"beats {versus} > {champion:.4%} on the same test set"
+        if params.shadow_min_requests > 0:
+            return Decision(
+                params.challenger_alias,
+                f"{beats}; serves in shadow of v{evidence.champion_version} first, for "
+                f"register.shadow_min_requests ({params.shadow_min_requests}) at an agreement of "
+                f"at least {params.shadow_min_agreement:.2%} (python -m pipelines.shadow)",
+                shadow=True,
+            )
+        return Decision(params.champion_alias, beats)
     return Decision(
         params.challenger_alias, f"does not beat {versus} <= {champion:.4%} on the same test set"
     )
@@ -220,6 +232,7 @@ def promote(
             "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "gate_lock": held.describe(),
             "gate_lock_waited_s": f"{held.waited_s:.3f}",
+            **({SHADOW_PENDING_TAG: champion_version} if decision.shadow else {}),
         }
         for key, value in decided.items():
             client.set_model_version_tag(params.model_name, version, key, value)

@@ -40,6 +40,7 @@ from serving.inference_log import InferenceLog
 from serving.limits import BodyLimit
 from serving.metrics import MULTIPROC_ENV, RequestMetrics, ServerMetrics
 from serving.routes import IMAGE_PATH, add_routes
+from serving.shadow import Shadow
 from serving.workers import run_server
 
 TOKEN_ENV = "MNIST_SERVE_TOKEN"  # the write token; from the environment, never from a file in git
@@ -87,6 +88,21 @@ def create_app(
             keep_images=serve.log_images,
             on_drop=metrics.log_dropped.inc if metrics is not None else None,
         )
+    shadow = None
+    if serve.shadow:  # a second model, on serve.shadow's alias, scoring each answer in a thread
+        shadow_model = Champion(
+            name, serve.shadow, serve.format, serve.threads, serve.poll_interval_s, required=False
+        )
+        shadow = Shadow(
+            shadow_model,
+            forward=inference_log.record if inference_log is not None else None,
+            on_scored=metrics.shadow_scored if metrics is not None else None,
+            on_drop=metrics.shadow_dropped.inc if metrics is not None else None,
+        )
+        if metrics is not None:
+            shadow_model.on_loaded.append(
+                lambda m: metrics.now_shadowing(name, serve.shadow, m.version if m else None)
+            )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,10 +112,18 @@ def create_app(
         if inference_log is not None:
             inference_log.start()
         champion.refresh()  # a failure leaves /ready at 503 with the reason; polling retries
+        if shadow is not None:
+            shadow.model.refresh()
+            shadow.start()
         if poll:
             champion.start()
+            if shadow is not None:
+                shadow.model.start()
         yield
         champion.stop()
+        if shadow is not None:  # before the log, which it hands its last answers to
+            shadow.stop()
+            shadow.model.stop()
         if inference_log is not None:
             inference_log.stop()  # what is queued is written before the process goes
         if metrics is not None:
@@ -111,10 +135,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.champion = champion
-    app.state.metrics, app.state.inference_log = metrics, inference_log
+    app.state.metrics, app.state.inference_log, app.state.shadow = metrics, inference_log, shadow
     add_error_handlers(app)
     token = write_token or os.environ.get(TOKEN_ENV) or None
-    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log, token)
+    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log, token, shadow)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=serve.max_body_bytes,

@@ -52,9 +52,13 @@ class Champion:
         threads: int = 1,
         poll_interval_s: float = 10.0,
         cache_dir: Path | None = None,
+        required: bool = True,
     ):
+        """``required=False`` (the shadow): an alias that does not resolve is a normal state, not
+        a failure. The model held is let go, since the alias no longer names it."""
         self.model_name, self.alias, self.file_name = model_name, alias, file_name
         self.threads, self.poll_interval_s = threads, poll_interval_s
+        self.required = required
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="mnist-serve-"))
         self.current: Loaded | None = None
         self.last_error: str | None = "not loaded yet"
@@ -62,9 +66,9 @@ class Champion:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
-        # Called after each change of the served model, and after each failed reload (its reason):
-        # the server's metrics hang here.
-        self.on_loaded: list[Callable[[Loaded], None]] = []
+        # Called after each change of the model held (None: let go, only when not required), and
+        # after each failed reload (its reason): the server's metrics hang here.
+        self.on_loaded: list[Callable[[Loaded | None], None]] = []
         self.on_failure: list[Callable[[str], None]] = []
 
     def refresh(self) -> bool:
@@ -79,6 +83,8 @@ class Champion:
             try:
                 version = client.get_model_version_by_alias(self.model_name, self.alias)
             except MlflowException as exc:
+                if not self.required:
+                    return self._let_go(f"models:/{self.model_name}@{self.alias} is not set")
                 return self._failed(
                     f"models:/{self.model_name}@{self.alias} does not resolve: {exc}"
                 )
@@ -120,7 +126,8 @@ class Champion:
             )
             self.last_error = None
             log.info(
-                "serving %s v%s (%s)%s",
+                "%s %s v%s (%s)%s",
+                "serving" if self.required else f"shadowing with @{self.alias}",
                 self.model_name,
                 version.version,
                 self.file_name,
@@ -131,6 +138,18 @@ class Champion:
             for listener in self.on_loaded:
                 listener(self.current)
             return True
+
+    def _let_go(self, reason: str) -> bool:
+        """No version has the alias (only when not required): hold no model."""
+        self.last_error = reason
+        previous, self.current = self.current, None
+        if previous is None:
+            return False
+        log.info("%s: no longer holding v%s", reason, previous.version)
+        shutil.rmtree(self.cache_dir / f"v{previous.version}", ignore_errors=True)
+        for listener in self.on_loaded:
+            listener(None)
+        return True
 
     def _failed(self, reason: str) -> bool:
         self.last_error = reason

@@ -48,6 +48,8 @@ class Answered:
     latency_s: float  # the request's time in the route, shared by the images it carried
     images: np.ndarray  # (n, 28, 28[, 1]), uint8 or 0-1 floats
     probabilities: np.ndarray  # (n, 10)
+    shadow_version: str = ""  # the shadow model's version that scored them too ("": none)
+    shadow_digits: np.ndarray | None = None  # (n,) its digits (serving.shadow)
 
 
 class InferenceLog:
@@ -145,8 +147,15 @@ class InferenceLog:
                 "model_version": per_image([a.model_version for a in batch]),
                 "latency_ms": per_image([a.latency_s * 1000 for a in batch], np.float32),
                 "batch_size": per_image(counts, np.int32),
+                "shadow_version": per_image([a.shadow_version for a in batch]),
             }
         )
+        columns["shadow_digit"] = np.concatenate(
+            [
+                np.full(len(a.images), -1) if a.shadow_digits is None else a.shadow_digits
+                for a in batch
+            ]
+        ).astype(np.int8)  # -1: not scored by a shadow
         probabilities = np.concatenate([a.probabilities for a in batch])
         frame = pd.concat([columns, answer_summary(probabilities), image_features(unit)], axis=1)
         if self.keep_images:

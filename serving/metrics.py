@@ -25,6 +25,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -77,7 +78,33 @@ class ServerMetrics:
         self.log_dropped = Counter(
             "mnist_inference_log_dropped", "Images not logged: the log's queue was full", registry=r
         )
+        self.shadow_requests = Counter(
+            "mnist_shadow_requests",
+            "Requests the shadow model (serve.shadow) scored as well, per shadow version",
+            ["version"],
+            registry=r,
+        )
+        self.shadow_images = Counter(
+            "mnist_shadow_images", "Images the shadow model scored", ["version"], registry=r
+        )
+        self.shadow_agreed = Counter(
+            "mnist_shadow_agreed_images",
+            "Images the shadow model gave the served model's digit",
+            ["version"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "mnist_shadow_dropped", "Requests not scored in shadow: its queue was full", registry=r
+        )
+        self.shadow_info = Gauge(
+            "mnist_shadow_model_info",
+            "1 for the model version this process scores in shadow",
+            ["name", "version", "alias"],
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self._served_labels: tuple[str, str, str] | None = None
+        self._shadow_labels: tuple[str, str, str] | None = None
 
     def observe_answers(self, digits, confidence) -> None:
         for digit in digits:
@@ -91,13 +118,27 @@ class ServerMetrics:
         self._served_labels = (name, version, file_name)
         self.served.labels(*self._served_labels).set(1)
 
+    def now_shadowing(self, name: str, alias: str, version: str | None) -> None:
+        """The shadow model's version (None: none loaded)."""
+        if self._shadow_labels is not None:
+            self.shadow_info.labels(*self._shadow_labels).set(0)
+        self._shadow_labels = None if version is None else (name, version, alias)
+        if self._shadow_labels is not None:
+            self.shadow_info.labels(*self._shadow_labels).set(1)
+
+    def shadow_scored(self, version: str, images: int, agreed: int) -> None:
+        self.shadow_requests.labels(version=version).inc()
+        self.shadow_images.labels(version=version).inc(images)
+        self.shadow_agreed.labels(version=version).inc(agreed)
+
     def exposition(self) -> bytes:
-        """The text format: this registry's, or every worker's summed in multiprocess mode."""
+        """The text format: this registry's, or every worker's summed in multiprocess mode;
+        with ``mnist_shadow_agreement`` derived from the sums."""
+        registry = self.registry
         if multiprocess_mode():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+        return generate_latest(WithAgreement(registry))
 
     @staticmethod
     def process_exited() -> None:
@@ -107,6 +148,36 @@ class ServerMetrics:
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class WithAgreement:
+    """A registry's metrics plus the shadow's agreement per version: agreed images over scored
+    images, computed from the counters after they are summed across workers (a gauge each worker
+    set would show one worker's share)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        sums: dict[str, dict[str, float]] = {"images": {}, "agreed": {}}
+        for family in self.registry.collect():
+            yield family
+            kind = {"mnist_shadow_images": "images", "mnist_shadow_agreed_images": "agreed"}.get(
+                family.name
+            )
+            for sample in family.samples if kind else ():
+                if sample.name.endswith("_total"):
+                    version = sample.labels["version"]
+                    sums[kind][version] = sums[kind].get(version, 0.0) + sample.value
+        agreement = GaugeMetricFamily(
+            "mnist_shadow_agreement",
+            "Share of the images scored in shadow that got the served model's digit",
+            labels=["version"],
+        )
+        for version, images in sums["images"].items():
+            if images:
+                agreement.add_metric([version], sums["agreed"].get(version, 0.0) / images)
+        yield agreement
 
 
 class RequestMetrics:

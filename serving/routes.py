@@ -27,6 +27,7 @@ from serving.inference_log import Answered, InferenceLog
 from serving.limits import RateLimit
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.parsing import parse_instances, read_image, read_upload
+from serving.shadow import Shadow
 
 log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
 STATIC = Path(__file__).parent / "static"
@@ -88,10 +89,12 @@ def add_routes(
     metrics: ServerMetrics | None = None,
     inference_log: InferenceLog | None = None,
     write_token: str | None = None,
+    shadow: Shadow | None = None,
 ) -> None:
     """Add the API's routes to ``app``, each reading ``champion.current`` when it answers. Each
-    answer is counted in ``metrics`` and queued to ``inference_log`` where they are given. With
-    ``write_token``, POST /feedback (the one write) needs ``Authorization: Bearer <token>``."""
+    answer is counted in ``metrics`` and queued to ``shadow`` (which passes it on to the log) or
+    ``inference_log``, where they are given. With ``write_token``, POST /feedback (the one write)
+    needs ``Authorization: Bearer <token>``."""
     # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
     # more route to match through on every request.
 
@@ -105,11 +108,12 @@ def add_routes(
         """Record an answer: a few counter increments here, the rest on the log's thread."""
         if metrics is not None:
             metrics.observe_answers(probs.argmax(axis=1), probs.max(axis=1))
-        if inference_log is not None:
+        record = shadow.submit if shadow is not None else None
+        if record is None and inference_log is not None:
+            record = inference_log.record
+        if record is not None:
             latency = time.perf_counter() - started
-            inference_log.record(
-                Answered(time.time(), endpoint, loaded.version, latency, images, probs)
-            )
+            record(Answered(time.time(), endpoint, loaded.version, latency, images, probs))
 
     body = instances_body(serve.max_batch)
     tf_predict_path = f"/v1/models/{model_name}:predict"
@@ -270,6 +274,8 @@ def add_routes(
                 "written": inference_log.written,
                 "dropped": inference_log.dropped,
             },
+            # this worker's counts (a --workers server's /metrics sums them all)
+            "shadow": None if shadow is None else shadow.describe(),
         }
 
     if metrics is not None:

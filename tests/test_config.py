@@ -83,6 +83,12 @@ def test_zoom_min_above_zoom_max_fails() -> None:
         AugmentParams(**fields)
 
 
+def test_a_shadow_on_the_served_alias_itself_fails() -> None:
+    with pytest.raises(ParamsError, match="serve.shadow: 'champion' is the served alias itself"):
+        parse_params(with_override({"serve": {"shadow": "champion"}}))
+    assert parse_params(with_override({"serve": {"shadow": "challenger"}})).serve.shadow
+
+
 def test_missing_file_and_non_mapping_yaml_name_the_file(tmp_path) -> None:
     # given a missing file and a YAML list
     missing = tmp_path / "nope.yaml"

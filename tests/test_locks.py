@@ -259,6 +259,8 @@ def write_versions(job: dict) -> list[tuple[str, str]]:
             min_accuracy=0.1,
             serve_check_images=1,
             max_served_drop=0.0,
+            shadow_min_requests=0,
+            shadow_min_agreement=0.0,
         )
         version = client.create_model_version(
             name, job["source"], tags={"fake_accuracy": str(accuracy)}, await_creation_for=0

@@ -11,7 +11,7 @@ import pytest
 from pipelines import locks, tracking
 from pipelines.config import ModelParams, RegisterParams
 from pipelines.model import build_model, predict_probabilities, to_model_input
-from pipelines.register import Evidence, decide_promotion, register_model
+from pipelines.register import SHADOW_PENDING_TAG, Evidence, decide_promotion, register_model
 from pipelines.scoring import evaluate_probabilities
 
 GATE = RegisterParams(
@@ -21,6 +21,8 @@ GATE = RegisterParams(
     min_accuracy=0.3,
     serve_check_images=128,
     max_served_drop=0.002,
+    shadow_min_requests=0,
+    shadow_min_agreement=0.0,
 )
 
 
@@ -60,6 +62,24 @@ def test_strictly_better_candidate_takes_champion(rparams: RegisterParams) -> No
     decision = decide_promotion(rparams, evidence)
     assert decision.alias == "champion"
     assert "beats champion v4: 99.5000% > 99.3000%" in decision.reason
+
+
+def test_with_the_shadow_on_a_better_candidate_is_challenger_in_shadow_first(rparams) -> None:
+    shadow_on = rparams.model_copy(
+        update={"shadow_min_requests": 500, "shadow_min_agreement": 0.98}
+    )
+    better = Evidence(candidate_accuracy=0.995, champion_accuracy=0.993, champion_version="4")
+    decision = decide_promotion(shadow_on, better)
+    assert decision.alias == "challenger" and decision.shadow
+    assert "beats champion v4" in decision.reason and "in shadow of v4 first" in decision.reason
+    assert (
+        "register.shadow_min_requests (500) at an agreement of at least 98.00%" in decision.reason
+    )
+    # the first champion has nothing to be compared with, and a worse candidate waits for nothing
+    assert decide_promotion(shadow_on, Evidence(candidate_accuracy=0.995)).alias == "champion"
+    worse = Evidence(candidate_accuracy=0.991, champion_accuracy=0.993, champion_version="4")
+    assert not decide_promotion(shadow_on, worse).shadow
+    assert not decide_promotion(rparams, better).shadow  # off by default: champion at once
 
 
 @pytest.mark.parametrize("candidate", [0.993, 0.991], ids=["equal", "worse"])
@@ -241,6 +261,20 @@ def test_better_model_takes_champion_and_records_previous(store, digits, tmp_pat
     # decided under the store's lock, the file beside its database
     assert champion.tags["gate_lock"] == f"file: {tmp_path / 'registry.lock'}"
     assert float(champion.tags["gate_lock_waited_s"]) >= 0
+
+
+def test_with_the_shadow_on_a_better_model_waits_as_challenger_tagged_with_its_rival(store, digits):
+    images, labels = digits
+    shadow_on = GATE.model_copy(update={"min_accuracy": 0.0, "shadow_min_requests": 10})
+    weak = register(trained(images, labels, epochs=0), images, labels, shadow_on)
+    strong = register(trained(images, labels, epochs=8), images, labels, shadow_on)
+    assert (weak["alias"], strong["alias"]) == ("champion", "challenger")
+    waiting = store.get_model_version("mnist-classifier", str(strong["version"]))
+    assert waiting.tags[SHADOW_PENDING_TAG] == str(weak["version"])
+    assert waiting.tags["decision"] == "challenger" and "in shadow of" in waiting.tags["reason"]
+    champion = store.get_model_version_by_alias("mnist-classifier", "champion")
+    assert str(champion.version) == str(weak["version"])
+    assert SHADOW_PENDING_TAG not in champion.tags
 
 
 def test_registration_that_cannot_get_the_lock_leaves_no_version(store, digits, tmp_path):

@@ -377,13 +377,15 @@ def test_two_worker_processes_serve_without_a_nagle_stall_and_share_connections(
 
 def test_prometheus_scrapes_both_workers_and_sees_the_counters_move(registry, tmp_path):
     """Debian's Prometheus scrapes a --workers 2 server's /metrics: the target is up, and the
-    requests, answers and served version it reports (summed over both workers) follow traffic."""
+    requests, answers, served version and shadow scores it reports (summed over both workers)
+    follow traffic."""
     from pipelines.monitoring import read_log
     from tests.prometheus_support import prometheus_server, query, wait_for
 
     store, _, _ = registry
     args = ("--workers", "2", "--incoming", str(tmp_path))
-    with serving_process(store, tmp_path, *args) as (url, process):
+    shadow = {"shadow": "challenger"}  # v2 scores every answer as well
+    with serving_process(store, tmp_path, *args, serve=shadow) as (url, process):
         target = url.removeprefix("http://")
         with prometheus_server("mnist-serving", [target]) as prometheus:
             # when the target is scraped and 12 requests of 2 images each reach the server,
@@ -407,10 +409,16 @@ def test_prometheus_scrapes_both_workers_and_sees_the_counters_move(registry, tm
             assert len({series["metric"]["pid"] for series in served}) == 2, served
             latency = 'sum(mnist_http_request_duration_seconds_count{endpoint="/predict"})'
             assert float(query(prometheus, latency)[0]["value"][1]) == 13
+            # and the shadow's requests and its agreement, from both workers' counts
+            shadowed = 'sum(mnist_shadow_requests_total{version="2"})'
+            wait_for(prometheus, shadowed, lambda r: r and float(r[0]["value"][1]) == 12)
+            agreement = query(prometheus, 'mnist_shadow_agreement{version="2"}')
+            assert [float(a["value"][1]) for a in agreement] == [1.0], agreement
     # and the inference log holds the 24 answered images once the workers have stopped
     frame = read_log(tmp_path / "monitoring")
     assert len(frame) == 24 and set(frame.model_version) == {"1"}
     assert frame.digit.nunique() == 1 and frame.confidence.between(0, 1).all()
+    assert set(frame.shadow_version) == {"2"} and (frame.shadow_digit == frame.digit).all()
 
 
 def wait_for_lines(process: subprocess.Popen, text: str, n: int, timeout_s: float = 60) -> str:
@@ -699,3 +707,86 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_i
     rows = np.flatnonzero(ink.max(axis=1) > 50)
     cols = np.flatnonzero(ink.max(axis=0) > 50)
     assert rows[-1] - rows[0] > 2 * (cols[-1] - cols[0])  # the stroke arrived tall and thin
+
+
+def test_a_challenger_in_shadow_is_scored_shown_and_promoted_by_the_gate(
+    registry, test_params, monkeypatch, tmp_path
+):
+    """serve.shadow: challenger. Each answer is scored by v2 too; /model and /metrics show the
+    counts and the agreement; the shadow gate reads the log, waits for
+    register.shadow_min_requests, then moves champion to v2, and the server follows."""
+    from pipelines import tracking
+    from pipelines.register import SHADOW_PENDING_TAG
+    from pipelines.shadow import promote_from_shadow
+
+    store, _, x_test = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    tracking.use_store()
+    registry_client = tracking.client()
+    before = registry_client.get_model_version(NAME, "2").tags
+    # Given v1 champion and v2 challenger waiting in shadow of v1 (as the gate leaves a
+    # candidate that beat v1 while register.shadow_min_requests is on)
+    registry_client.set_registered_model_alias(NAME, "champion", "1")
+    registry_client.set_registered_model_alias(NAME, "challenger", "2")
+    registry_client.set_model_version_tag(NAME, "2", SHADOW_PENDING_TAG, "1")
+    log_dir = tmp_path / "monitoring"
+    serve = test_params.serve.model_copy(
+        update={"shadow": "challenger", "log_dir": str(log_dir), "poll_interval_s": 0.2}
+    )
+    register = test_params.register.model_copy(
+        update={"shadow_min_requests": 5, "shadow_min_agreement": 0.9}
+    )
+    params = test_params.model_copy(update={"serve": serve, "register": register})
+    champion = Champion(NAME, "champion", "model.onnx", poll_interval_s=0.2, cache_dir=tmp_path)
+    app = create_app(params, champion, incoming_dir=tmp_path / "incoming")
+
+    def shadow_info(client) -> dict:
+        return client.get("/model").json()["shadow"]
+
+    def until(check, what: str, timeout_s: float = 20):
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        with TestClient(app) as client:
+            assert shadow_info(client)["version"] == "2" and shadow_info(client)["requests"] == 0
+            # when 3 requests of 2 images are answered
+            for i in range(3):
+                assert client.post(PREDICT, json=body(x_test[2 * i : 2 * i + 2])).status_code == 200
+            until(lambda: shadow_info(client)["requests"] == 3, "3 requests scored in shadow")
+            # then /model and /metrics show them (v2 is v1's model: they always agree)
+            info = shadow_info(client)
+            assert info["alias"] == "challenger" and info["images"] == 6
+            assert info["agreement"] == 1.0 and info["dropped"] == 0
+            text = client.get("/metrics").text
+            assert 'mnist_shadow_requests_total{version="2"} 3.0' in text
+            assert 'mnist_shadow_agreement{version="2"} 1.0' in text
+            assert (
+                'mnist_shadow_model_info{alias="challenger",name="mnist-classifier",version="2"}'
+                " 1.0" in text
+            )
+            # and the gate waits for 5 requests
+            app.state.inference_log.flush()
+            waiting = promote_from_shadow(registry_client, register, log_dir)
+            assert waiting["outcome"] == "wait" and waiting["requests"] == 3, waiting
+            for i in range(2):
+                assert client.post(PREDICT, json=body(x_test[i : i + 1])).status_code == 200
+            until(lambda: shadow_info(client)["requests"] == 5, "5 requests scored in shadow")
+            app.state.inference_log.flush()
+            promoted = promote_from_shadow(registry_client, register, log_dir)
+            assert promoted["outcome"] == "promote" and promoted["agreement"] == 1.0, promoted
+            assert registry_client.get_registered_model(NAME).aliases == {"champion": 2}
+            # and the server then serves v2, and holds no shadow (no version is challenger)
+            until(lambda: client.get("/ready").json().get("version") == "2", "v2 served")
+            until(lambda: shadow_info(client)["version"] is None, "the shadow let go")
+            assert client.post(PREDICT, json=body(x_test[:1])).json()["model_version"] == "2"
+    finally:  # the module's registry as the other tests expect it
+        registry_client.set_registered_model_alias(NAME, "champion", "1")
+        registry_client.set_registered_model_alias(NAME, "challenger", "2")
+        for key in set(registry_client.get_model_version(NAME, "2").tags) - set(before):
+            registry_client.delete_model_version_tag(NAME, "2", key)
+        for key, value in before.items():
+            registry_client.set_model_version_tag(NAME, "2", key, value)
