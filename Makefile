@@ -19,7 +19,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate bench-scale clean-smoke push pull
+.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve review monitor shadow bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate bench-scale clean-smoke push pull
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -81,6 +81,15 @@ status: ## each process of `make up`: its state, pid and uptime, and does it ans
 serve: $(STAMP) ## REST API + drawing page for models:/mnist-classifier@champion on http://127.0.0.1:$${PORT:-8000}
 	$(BIN)/python -m serving.app
 
+review: $(STAMP) ## list the corrections waiting for review (then: python -m pipelines.review accept|reject IDS)
+	$(BIN)/python -m pipelines.review
+
+monitor: $(STAMP) ## one drift check now: the inference log's last window against the training data
+	$(BIN)/python -m flows.monitoring
+
+shadow: $(STAMP) ## the shadow gate now: a challenger that agreed on enough served requests takes champion
+	$(BIN)/python -m pipelines.shadow
+
 clean-smoke: ## remove the smoke run's scratch copy
 	rm -rf .smoke
 
@@ -88,8 +97,8 @@ bench: $(STAMP) ## benchmarks: training throughput vs the seed recipe, then the 
 	$(BIN)/python -m benchmarks.speed
 	$(BIN)/python -m benchmarks.serve_load
 
-bench-serve: $(STAMP) ## benchmark: the REST server under load on loopback vs a constant FastAPI endpoint
-	$(BIN)/python -m benchmarks.serve_load
+bench-serve: $(STAMP) ## benchmark: the REST server under load vs a constant FastAPI endpoint, and the monitoring's cost
+	$(BIN)/python -m benchmarks.serve_load --monitoring
 
 bench-time: $(STAMP) ## benchmark: wall time to the seed recipe's final accuracy, full data (~30 min)
 	$(BIN)/python -m benchmarks.time_to_accuracy
