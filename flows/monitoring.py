@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -157,7 +158,7 @@ def monitoring(
         }
         logger.info("%s", verdict["verdict"])
         emit(CHECKED, model_name, verdict)
-        return verdict | shadow_gate(params, repo, log_path)
+        return verdict | shadow_gate(params, repo, log_path, logger)
     ref, labels = reference(repo, params)
     # corrections waiting in the quarantine: many of them say the model gets digits wrong
     feedback = count_waiting(Path(incoming) if incoming else repo / INCOMING_DIR)
@@ -186,10 +187,10 @@ def monitoring(
     emit(CHECKED, model_name, verdict)
     if check.reasons:
         emit(RETRAIN, model_name, verdict)
-    return verdict | shadow_gate(params, repo, log_path)
+    return verdict | shadow_gate(params, repo, log_path, logger)
 
 
-def shadow_gate(params: Params, repo: Path, log_path: Path) -> dict[str, Any]:
+def shadow_gate(params: Params, repo: Path, log_path: Path, logger=None) -> dict[str, Any]:
     """With register.shadow_min_requests on, the shadow gate after each check
     (``pipelines.shadow``): a challenger that has agreed with the champion on enough requests
     takes ``champion``. ``{"shadow": result}``, or nothing while the gate is off."""
@@ -200,7 +201,9 @@ def shadow_gate(params: Params, repo: Path, log_path: Path) -> dict[str, Any]:
 
     tracking.use_store(repo)
     result = promote_from_shadow(tracking.client(), params.register, log_path)
-    get_run_logger().info("shadow gate: %s, %s", result["outcome"], result["reason"])
+    (logger or logging.getLogger("flows.monitoring")).info(
+        "shadow gate: %s, %s", result["outcome"], result["reason"]
+    )
     return {"shadow": result}
 
 

@@ -261,3 +261,15 @@ def test_a_challenger_that_did_not_beat_the_champion_is_never_promoted(registry,
     write_log(log_dir, logged("1", "2", [1] * 8, [1] * 8, batch_size=1))
     assert promote_from_shadow(registry, gate, log_dir)["outcome"] == "none"
     assert aliases(registry) == {"champion": "1", "challenger": "2"}
+
+
+def test_the_monitoring_flow_runs_the_shadow_gate_only_when_it_is_on(registry, gate, tmp_path):
+    from flows.monitoring import shadow_gate
+
+    params = load_params(PARAMS_PATH)
+    log_dir = tmp_path / "monitoring"
+    write_log(log_dir, logged("1", "2", [1] * 4, [1] * 4, batch_size=1))
+    assert shadow_gate(params, tmp_path, log_dir) == {}  # params.yaml: off
+    on = params.model_copy(update={"register_": gate})
+    assert shadow_gate(on, tmp_path, log_dir)["shadow"]["outcome"] == "promote"
+    assert aliases(registry) == {"champion": "2"}
