@@ -14,6 +14,7 @@ predict endpoints while no model is loaded; ``/ready`` says 503 ``{"ready": fals
                                             whenever the server binds beyond loopback)
   GET  /health  /ready  /model              liveness, readiness (503 until loaded), what is served
   GET  /metrics                             Prometheus' text format (serving.metrics; serve.metrics)
+  GET|POST /v2/...                          the Open Inference Protocol (v2): serving.oip
   GET  /                                    the drawing page
 Here the application is put together and started; the routes are ``serving.routes``, reading
 request bodies ``serving.parsing``, the error format ``serving.errors``, the size limit

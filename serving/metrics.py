@@ -7,8 +7,9 @@ values to files there, and whichever worker answers ``/metrics`` sums them all. 
 histograms add up across workers; the served-version gauge keeps one series per live worker
 (``pid`` label), so a worker still on the old version after a move shows as such.
 
-Endpoint labels are the API's own paths, and ``other`` for anything else, so a client probing
-random paths cannot grow the number of series.
+Endpoint labels are the API's own route paths, templates included (``/v2/models/{model}/infer``),
+and ``other`` for a path no route matches, so a client probing random paths cannot grow the
+number of series.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ class RequestMetrics:
     """ASGI middleware: count and time every HTTP request by endpoint, method and status."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, endpoints: frozenset[str]) -> None:
+        """``endpoints``: the API's fixed paths, for a request refused before the router ran
+        (the size limit's 413)."""
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -201,7 +204,10 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            path = scope["path"]
-            labels = (path if path in self.endpoints else "other", scope["method"], str(status))
+            # the route the router matched (it writes it into this same scope), as its template
+            path = getattr(scope.get("route"), "path", None)
+            if path is None:
+                path = scope["path"] if scope["path"] in self.endpoints else "other"
+            labels = (path, scope["method"], str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -29,6 +29,9 @@ from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.parsing import parse_instances, read_image, read_upload
 from serving.shadow import Shadow
 
+OIP_MODEL = "/v2/models/{model}"  # the Open Inference Protocol's model paths ...
+OIP_VERSION = "/v2/models/{model}/versions/{version}"  # ... and those naming a version
+
 log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
 STATIC = Path(__file__).parent / "static"
 IMAGE_PATH = "/predict/image"  # uploads: the size limit gives them their own, larger limit
@@ -242,6 +245,8 @@ def add_routes(
             "accepted digits join the next training run (merge stage)",
         }
 
+    add_oip_routes(app, serve, model_name, champion, answered)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the process answers."""
@@ -288,3 +293,95 @@ def add_routes(
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html")
+
+
+def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, answered):
+    """The Open Inference Protocol (v2) on ``app`` (``serving.oip``), answering with
+    ``champion.current`` and recording each answer through ``answered``, as the other APIs do."""
+    from serving import oip
+
+    def oip_error(exc: InputError) -> Response:
+        """The protocol's error body: ``{"error": message}``."""
+        return Response(
+            orjson.dumps({"error": f"{exc.field}: {exc.message}"}),
+            status_code=exc.status,
+            media_type="application/json",
+            headers=exc.headers,
+        )
+
+    def resolve(model: str, version: str | None) -> Loaded | None:
+        """The loaded model if the path names it (None: not loaded yet); else 404."""
+        if model != model_name:
+            raise InputError(404, "model", f"{model!r} is not served here; {model_name!r} is")
+        loaded = champion.current
+        if version is not None and (loaded is None or version != loaded.version):
+            served_now = f"v{loaded.version} is" if loaded is not None else "none is yet"
+            raise InputError(
+                404, "version", f"{version!r} of {model_name} is not served; {served_now}"
+            )
+        return loaded
+
+    @app.get("/v2")
+    async def oip_server_metadata() -> dict[str, Any]:
+        """Open Inference Protocol: the server's name, version and extensions."""
+        from importlib.metadata import version
+
+        return {
+            "name": "mnist-mlops",
+            "version": version("mnist-mlops"),
+            "extensions": ["binary_tensor_data"],
+        }
+
+    @app.get("/v2/health/live")
+    async def oip_live() -> dict[str, bool]:
+        """Open Inference Protocol: the server answers."""
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def oip_ready() -> Response:
+        """Open Inference Protocol: 200 once a model is loaded; 400 before, as the protocol says
+        (a 4xx means false)."""
+        ready = champion.current is not None
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+    @app.get(OIP_MODEL)
+    @app.get(OIP_VERSION)
+    async def oip_model_metadata(model: str, version: str | None = None) -> Response:
+        """Open Inference Protocol: the model's versions and its input and output tensors."""
+        try:
+            loaded = resolve(model, version)
+            if loaded is None:
+                raise InputError(503, "model", f"no model loaded ({champion.last_error})")
+        except InputError as exc:
+            return oip_error(exc)
+        return json_response(oip.model_metadata(model_name, loaded.version, serve.max_batch))
+
+    @app.get(f"{OIP_MODEL}/ready")
+    @app.get(f"{OIP_VERSION}/ready")
+    async def oip_model_ready(model: str, version: str | None = None) -> Response:
+        """Open Inference Protocol: 200 once the model is loaded; 400 before."""
+        try:
+            ready = resolve(model, version) is not None
+        except InputError as exc:
+            return oip_error(exc)
+        return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
+
+    @app.post(f"{OIP_MODEL}/infer")
+    @app.post(f"{OIP_VERSION}/infer")
+    async def oip_infer(request: Request, model: str, version: str | None = None) -> Response:
+        """Open Inference Protocol: probabilities for a tensor of images, as JSON or, with the
+        binary tensor data extension, as raw bytes after the JSON header."""
+        started = time.perf_counter()
+        try:
+            loaded = resolve(model, version)
+            parsed = oip.parse_infer(
+                await request.body(), request.headers.get(oip.HEADER_LENGTH), serve.max_batch
+            )
+            if loaded is None:
+                raise InputError(503, "model", f"no model loaded ({champion.last_error})")
+        except InputError as exc:
+            return oip_error(exc)
+        probs = loaded.predictor.predict(parsed.images)
+        answered(f"{OIP_MODEL}/infer", loaded, parsed.images, probs, started)
+        body, headers = oip.infer_response(model_name, loaded.version, parsed, probs)
+        return Response(body, headers=headers)

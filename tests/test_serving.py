@@ -790,3 +790,57 @@ def test_a_challenger_in_shadow_is_scored_shown_and_promoted_by_the_gate(
             registry_client.delete_model_version_tag(NAME, "2", key)
         for key, value in before.items():
             registry_client.set_model_version_tag(NAME, "2", key, value)
+
+
+def test_open_inference_protocol_through_tritonclient(live_server, registry):
+    """Triton's own HTTP client against the real server: health, metadata, and inference with
+    JSON and with binary tensors, the same answers as /predict, and errors in the protocol's
+    body."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    _, _, x_test = registry
+    pixels = x_test[:3].astype(np.uint8)
+    expected = httpx.post(f"{live_server}{PREDICT}", json=body(pixels), timeout=10).json()
+    expected = np.array([p["probabilities"] for p in expected["predictions"]], dtype=np.float32)
+    client = triton.InferenceServerClient(url=live_server.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(NAME) and client.is_model_ready(NAME, "1")
+        assert not client.is_model_ready("another-model")
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        meta = client.get_model_metadata(NAME)
+        assert meta["versions"] == ["1"] and meta["inputs"][0]["name"] == "input"
+        # when the same digits are sent as UINT8, in binary and as JSON, and as FP32 0-1
+        for binary in (True, False):
+            tensor = triton.InferInput("input", [3, 28, 28], "UINT8")
+            tensor.set_data_from_numpy(pixels, binary_data=binary)
+            wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+            result = client.infer(NAME, [tensor], outputs=[wanted], request_id="r1")
+            # then the answers are /predict's, with the version and the request's id
+            np.testing.assert_array_equal(result.as_numpy("probabilities"), expected)
+            response = result.get_response()
+            assert response["model_version"] == "1" and response["id"] == "r1"
+        floats = triton.InferInput("input", [3, 28, 28, 1], "FP32")
+        floats.set_data_from_numpy((pixels / 255).astype(np.float32)[..., None])
+        result = client.infer(NAME, [floats], model_version="1")  # outputs in binary by default
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+        # and a wrong input, model or version is refused in the protocol's error body
+        wrong = triton.InferInput("pixels", [1, 28, 28], "UINT8")
+        wrong.set_data_from_numpy(pixels[:1])
+        for call, status, words in [
+            (lambda: client.infer(NAME, [wrong]), "400", "inputs[0].name: 'pixels'"),
+            (lambda: client.infer("another-model", [floats]), "404", "'another-model' is not"),
+            (lambda: client.infer(NAME, [floats], model_version="9"), "404", "v1 is"),
+        ]:
+            with pytest.raises(InferenceServerException) as info:
+                call()
+            assert info.value.status() == status and words in info.value.message(), info.value
+    finally:
+        client.close()
+    # and the metrics count inference under the route's template, never the model's name
+    text = httpx.get(f"{live_server}/metrics", timeout=10).text
+    assert 'endpoint="/v2/models/{model}/infer",method="POST",status="200"' in text
+    assert (
+        'endpoint="/v2/models/{model}/versions/{version}/infer",method="POST",status="404"' in text
+    )
