@@ -42,7 +42,7 @@ smoke: $(STAMP) ## the whole pipeline on ~2,000 images for 1 epoch, in a scratch
 	$(BIN)/python -m flows.scratch --dest .smoke
 
 test: $(STAMP) ## run the test suite, with its coverage floor (a part: PYTEST_ARGS="--no-cov -m e2e")
-	$(BIN)/python -m pytest -q --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
