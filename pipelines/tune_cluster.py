@@ -88,13 +88,29 @@ def from_storage(exc: BaseException) -> bool:
     return False
 
 
+def failed_meanwhile(exc: BaseException) -> bool:
+    """Whether ``exc`` is Optuna refusing to finish a trial that is already FAIL.
+
+    While the database was away this worker's heartbeats did not reach it, so another worker's
+    stale-trial check failed the trial and re-queued its settings
+    (``RetryHeartbeatStaleTrialCallback``). Its result is then not this worker's to record: the
+    re-queued copy will run, and this worker asks for another trial."""
+    return isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a FAIL trial")
+
+
 def retrying(what: str, call, wait_s: float = STORAGE_WAIT_S):
-    """``call()``, retried while the study's database is away, for up to ``wait_s`` seconds."""
+    """``call()``, retried while the study's database is away, for up to ``wait_s`` seconds, and
+    again when the trial it ran was failed by the heartbeat meanwhile."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             return call()
         except Exception as exc:
+            if failed_meanwhile(exc) and time.monotonic() <= deadline:
+                log.warning(
+                    "%s: its trial was failed and re-queued meanwhile; asking for another", what
+                )
+                continue
             if not from_storage(exc) or time.monotonic() > deadline:
                 raise
             log.warning("%s: the study's storage is away (%s); retrying", what, type(exc).__name__)

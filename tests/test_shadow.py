@@ -188,6 +188,7 @@ def registry(tmp_path, monkeypatch):
     """A sqlite registry with v1 champion and v2 challenger waiting in shadow of v1."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv(locks.ENV_VAR, raising=False)  # the lock file beside the database
+    tracking.use_store()  # MLflow's URI, which an earlier test may have set elsewhere
     client = tracking.client()
     client.create_registered_model(NAME)
     for _ in range(2):

@@ -247,3 +247,22 @@ def test_an_error_raised_while_a_storage_error_was_handled_is_retried(monkeypatc
     # an error of the trial's own is not retried
     with pytest.raises(ZeroDivisionError):
         tune_cluster.retrying("task 1", lambda: 1 / 0, wait_s=5)
+
+
+def test_a_trial_the_heartbeat_failed_meanwhile_makes_the_task_ask_for_another(monkeypatch) -> None:
+    """Back from an outage, Optuna refuses to finish a trial that another worker's stale-trial
+    check has failed and re-queued: the task asks for another trial instead of failing."""
+    from pipelines import tune_cluster
+
+    calls = []
+
+    def told_too_late():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("Cannot tell a FAIL trial.")
+        return "done"
+
+    assert tune_cluster.retrying("task 0", told_too_late, wait_s=5) == "done" and len(calls) == 2
+    with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):  # not this case
+        tune_cluster.retrying("task 1", lambda: (_ for _ in ()).throw(
+            ValueError("Cannot tell a COMPLETE trial.")), wait_s=5)  # fmt: skip
