@@ -113,19 +113,24 @@ class ServerMetrics:
         for value in confidence:
             self.confidence.observe(float(value))
 
+    @staticmethod
+    def _moved(gauge: Gauge, old: tuple | None, new: tuple | None) -> tuple | None:
+        """An info gauge moved from the ``old`` labels (set to 0) to the ``new`` ones (set to 1)."""
+        if old is not None:
+            gauge.labels(*old).set(0)
+        if new is not None:
+            gauge.labels(*new).set(1)
+        return new
+
     def now_serving(self, name: str, version: str, file_name: str) -> None:
-        if self._served_labels is not None:
-            self.served.labels(*self._served_labels).set(0)
-        self._served_labels = (name, version, file_name)
-        self.served.labels(*self._served_labels).set(1)
+        self._served_labels = self._moved(
+            self.served, self._served_labels, (name, version, file_name)
+        )
 
     def now_shadowing(self, name: str, alias: str, version: str | None) -> None:
         """The shadow model's version (None: none loaded)."""
-        if self._shadow_labels is not None:
-            self.shadow_info.labels(*self._shadow_labels).set(0)
-        self._shadow_labels = None if version is None else (name, version, alias)
-        if self._shadow_labels is not None:
-            self.shadow_info.labels(*self._shadow_labels).set(1)
+        new = None if version is None else (name, version, alias)
+        self._shadow_labels = self._moved(self.shadow_info, self._shadow_labels, new)
 
     def shadow_scored(self, version: str, images: int, agreed: int) -> None:
         self.shadow_requests.labels(version=version).inc()

@@ -32,7 +32,7 @@ import orjson
 
 from pipelines.constants import IMAGE_SHAPE, INPUT_SHAPE, NUM_CLASSES
 from serving.errors import InputError
-from serving.parsing import _scaled, read_image
+from serving.parsing import read_image, scaled_images
 
 INPUT, OUTPUT = "input", "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor data extension's header
@@ -155,7 +155,7 @@ def _tensor_data(tensor: dict, dtype: np.dtype, n: int, binary: bytes) -> np.nda
             flat = flat.astype(np.uint8)
     if dtype == np.uint8:
         return flat.reshape(n, *INPUT_SHAPE)
-    images = _scaled(flat.astype(np.float32).reshape(n, *IMAGE_SHAPE))
+    images = scaled_images(flat.astype(np.float32).reshape(n, *IMAGE_SHAPE))
     if images is None:  # name the first image at fault
         for i, image in enumerate(flat.reshape(n, *IMAGE_SHAPE)):
             try:

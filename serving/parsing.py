@@ -52,7 +52,7 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
     if array is not None and array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array is not None and array.ndim == 3 and array.shape[1:] == IMAGE_SHAPE:
-        images = _scaled(array)
+        images = scaled_images(array)
         if images is not None:
             return images
     # Something is wrong: find the first image at fault and say what.
@@ -96,7 +96,7 @@ def _simd_batch(body: bytes, max_batch: int) -> np.ndarray | None:
         flat = np.frombuffer(instances.as_buffer(of_type="d"), dtype=np.float64)
     except (ValueError, KeyError, TypeError, IndexError):  # not JSON, not this shape, not numbers
         return None
-    return _scaled(flat.astype(np.float32).reshape(n, IMAGE_SIDE, IMAGE_SIDE))
+    return scaled_images(flat.astype(np.float32).reshape(n, IMAGE_SIDE, IMAGE_SIDE))
 
 
 _ROW_LENGTHS = [IMAGE_SIDE] * IMAGE_SIDE  # one image's row lengths: a square of pixels
@@ -128,7 +128,7 @@ def read_image(instance: Any, where: str) -> np.ndarray:
     return images if high <= 1 else images / np.float32(255)
 
 
-def _scaled(array: np.ndarray) -> np.ndarray | None:
+def scaled_images(array: np.ndarray) -> np.ndarray | None:
     """(N, 28, 28) float32, a new array -> (N, 28, 28, 1) in [0, 1], each image scaled by 1/255 if
     its largest value is above 1; None if any value is outside [0, 255], NaN or infinite."""
     flat = array.reshape(len(array), -1)

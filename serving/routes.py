@@ -245,7 +245,7 @@ def add_routes(
             "accepted digits join the next training run (merge stage)",
         }
 
-    add_oip_routes(app, serve, model_name, champion, answered)
+    add_oip_routes(app, serve, model_name, champion, served, answered)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -295,9 +295,12 @@ def add_routes(
         return FileResponse(STATIC / "index.html")
 
 
-def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, answered):
-    """The Open Inference Protocol (v2) on ``app`` (``serving.oip``), answering with
-    ``champion.current`` and recording each answer through ``answered``, as the other APIs do."""
+def add_oip_routes(
+    app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, served, answered
+):
+    """The Open Inference Protocol (v2) on ``app`` (``serving.oip``), answering with the model
+    ``served()`` gives (503 while none is loaded) and recording each answer through
+    ``answered``, as the other APIs do."""
     from serving import oip
 
     def oip_error(exc: InputError) -> Response:
@@ -309,11 +312,10 @@ def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: 
             headers=exc.headers,
         )
 
-    def resolve(model: str, version: str | None) -> Loaded | None:
-        """The loaded model if the path names it (None: not loaded yet); else 404."""
+    def resolve(model: str, version: str | None, loaded: Loaded | None) -> Loaded | None:
+        """``loaded`` if the path names it; else 404."""
         if model != model_name:
             raise InputError(404, "model", f"{model!r} is not served here; {model_name!r} is")
-        loaded = champion.current
         if version is not None and (loaded is None or version != loaded.version):
             served_now = f"v{loaded.version} is" if loaded is not None else "none is yet"
             raise InputError(
@@ -349,9 +351,7 @@ def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: 
     async def oip_model_metadata(model: str, version: str | None = None) -> Response:
         """Open Inference Protocol: the model's versions and its input and output tensors."""
         try:
-            loaded = resolve(model, version)
-            if loaded is None:
-                raise InputError(503, "model", f"no model loaded ({champion.last_error})")
+            loaded = resolve(model, version, served())
         except InputError as exc:
             return oip_error(exc)
         return json_response(oip.model_metadata(model_name, loaded.version, serve.max_batch))
@@ -361,7 +361,7 @@ def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: 
     async def oip_model_ready(model: str, version: str | None = None) -> Response:
         """Open Inference Protocol: 200 once the model is loaded; 400 before."""
         try:
-            ready = resolve(model, version) is not None
+            ready = resolve(model, version, champion.current) is not None
         except InputError as exc:
             return oip_error(exc)
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
@@ -373,12 +373,10 @@ def add_oip_routes(app: FastAPI, serve: ServeParams, model_name: str, champion: 
         binary tensor data extension, as raw bytes after the JSON header."""
         started = time.perf_counter()
         try:
-            loaded = resolve(model, version)
+            loaded = resolve(model, version, served())
             parsed = oip.parse_infer(
                 await request.body(), request.headers.get(oip.HEADER_LENGTH), serve.max_batch
             )
-            if loaded is None:
-                raise InputError(503, "model", f"no model loaded ({champion.last_error})")
         except InputError as exc:
             return oip_error(exc)
         probs = loaded.predictor.predict(parsed.images)
