@@ -329,12 +329,23 @@ def live_incoming(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def live_server(registry, tmp_path_factory, live_incoming):
+def live_process(registry, tmp_path_factory, live_incoming):
     """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
     store, _, _ = registry
     folder = tmp_path_factory.mktemp("serve")
     with serving_process(store, folder, "--incoming", str(live_incoming)) as (url, _):
         yield url
+
+
+@pytest.fixture
+def live_server(live_process):
+    """The live server's URL once it serves v1 again: it polls the alias every second, so a test
+    that moved the alias and put it back may leave it on v2 for up to a second."""
+    deadline = time.monotonic() + 15
+    while (version := httpx.get(f"{live_process}/model", timeout=10).json()["version"]) != "1":
+        assert time.monotonic() < deadline, f"the live server still serves v{version}"
+        time.sleep(0.1)
+    return live_process
 
 
 def test_two_worker_processes_serve_without_a_nagle_stall_and_share_connections(registry, tmp_path):
