@@ -35,10 +35,13 @@ def add_error_handlers(app: FastAPI) -> None:
         request: Request, exc: StarletteHTTPException
     ):  # 404, 405, 413 while streaming
         field = getattr(exc, "field", "request")
-        return error(exc.status_code, field, str(exc.detail))
+        # exc.headers carry what the status needs: a 405's Allow (RFC 9110), a 401's challenge
+        return error(exc.status_code, field, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid"}
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query"))
+        # pydantic names the member of a union it tried, as "list[...]": not a field of the body
+        where = [p for p in first["loc"] if p not in ("body", "query") and "[" not in str(p)]
+        field = ".".join(map(str, where))
         return error(422, field or "body", first["msg"])

@@ -96,7 +96,7 @@ def parse_infer(body: bytes, header_length: str | None, max_batch: int) -> Infer
             f"{INPUT!r}"
         )  # fmt: skip
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # {} is not hashable
         raise InputError(
             400, "inputs[0].datatype", f"{datatype!r}: send one of {', '.join(DATATYPES)}"
         )

@@ -4,6 +4,7 @@ for everything else) and uploaded PNG/JPEG images (MNIST preprocessing, ``servin
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -45,10 +46,10 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
         raise InputError(422, "instances", "is empty: send at least one image")
     if len(instances) > max_batch:
         raise InputError(413, "instances", f"has {len(instances)} images; the limit is {max_batch}")
-    try:
-        array = np.asarray(instances, dtype=np.float32)
-    except (ValueError, TypeError):
-        array = None
+    array = None
+    if _numbers_only(instances):  # numpy would read a boolean or a numeric string as a number
+        with contextlib.suppress(ValueError, TypeError, OverflowError):  # ragged; an int > 1e308
+            array = np.asarray(instances, dtype=np.float32)
     if array is not None and array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array is not None and array.ndim == 3 and array.shape[1:] == IMAGE_SHAPE:
@@ -106,7 +107,11 @@ def read_image(instance: Any, where: str) -> np.ndarray:
     """One image, 28x28 (or 28x28x1) finite numbers in [0, 1] or [0, 255] -> (28, 28) float32 in
     [0, 1]. Raises InputError naming ``where``."""
     try:
+        if not _numbers_only(instance):
+            raise TypeError
         array = np.asarray(instance, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        raise InputError(422, where, "values must lie in [0, 1] or [0, 255]") from None
     except (ValueError, TypeError):
         raise InputError(
             422, where, "is not an array of numbers (ragged, or non-numeric values)"
@@ -126,6 +131,16 @@ def read_image(instance: Any, where: str) -> np.ndarray:
         )
     images = array.astype(np.float32)
     return images if high <= 1 else images / np.float32(255)
+
+
+def _numbers_only(value: Any) -> bool:
+    """Whether every leaf of nested lists (or an array) is a JSON number: not a boolean, a string
+    or null, which the schema refuses and numpy would read as numbers."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "iuf"
+    if isinstance(value, list):
+        return all(map(_numbers_only, value))
+    return type(value) in (int, float)
 
 
 def scaled_images(array: np.ndarray) -> np.ndarray | None:

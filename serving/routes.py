@@ -10,16 +10,13 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, File, Header, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
 
 from pipelines.config import ServeParams
-from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
 from pipelines.review import count_waiting, save_pending
 from serving.champion import Champion, Loaded
 from serving.errors import InputError
@@ -27,6 +24,30 @@ from serving.inference_log import Answered, InferenceLog
 from serving.limits import RateLimit
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.parsing import parse_instances, read_image, read_upload
+from serving.schemas import (
+    UPLOAD,
+    Correction,
+    FeedbackAnswer,
+    Health,
+    ImageAnswer,
+    InferAnswer,
+    InferRequest,
+    Live,
+    ModelInfo,
+    ModelMetadata,
+    ModelReady,
+    NotReady,
+    OIPError,
+    PredictAnswer,
+    PredictRequest,
+    Ready,
+    ServerMetadata,
+    ServerReady,
+    TFServingAnswer,
+    inlined,
+    read_body,
+    refusals,
+)
 from serving.shadow import Shadow
 
 OIP_MODEL = "/v2/models/{model}"  # the Open Inference Protocol's model paths ...
@@ -35,17 +56,6 @@ OIP_VERSION = "/v2/models/{model}/versions/{version}"  # ... and those naming a 
 log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
 STATIC = Path(__file__).parent / "static"
 IMAGE_PATH = "/predict/image"  # uploads: the size limit gives them their own, larger limit
-SIDE = f"{IMAGE_SIDE}x{IMAGE_SIDE}"  # how the API's descriptions name an image's shape
-
-
-class Correction(BaseModel):
-    """The page's "correct this prediction": the digit the model saw and its right label."""
-
-    image: list = Field(
-        description=f"{SIDE} numbers, 0-255 or 0-1, light ink on dark: the `input` that "
-        "POST /predict/image returned"
-    )
-    label: int = Field(ge=0, le=NUM_CLASSES - 1, description="the digit it really is")
 
 
 def json_response(payload: dict) -> Response:
@@ -53,34 +63,6 @@ def json_response(payload: dict) -> Response:
     return Response(
         orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
     )
-
-
-def instances_body(max_batch: int) -> dict[str, Any]:
-    """The OpenAPI request body of the predict endpoints, which read their bodies themselves."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["instances"],
-                        "properties": {
-                            "instances": {
-                                "type": "array",
-                                "minItems": 1,
-                                "maxItems": max_batch,
-                                "description": f"Images, each {SIDE} (or {SIDE}x1) numbers: 0-1 "
-                                "floats, or 0-255 (an image whose largest value is above 1 is "
-                                "read as 0-255). White ink on black, as in MNIST.",
-                                "items": {"type": "array", "items": {"type": "array"}},
-                            }
-                        },
-                    }
-                }
-            },
-        }
-    }
 
 
 def add_routes(
@@ -118,10 +100,15 @@ def add_routes(
             latency = time.perf_counter() - started
             record(Answered(time.time(), endpoint, loaded.version, latency, images, probs))
 
-    body = instances_body(serve.max_batch)
+    body = read_body(PredictRequest, serve.max_batch, "instances")
+    predict_refusals = refusals(400, 413, 422, 503)
     tf_predict_path = f"/v1/models/{model_name}:predict"
 
-    @app.post(tf_predict_path, openapi_extra=body)
+    @app.post(
+        tf_predict_path,
+        openapi_extra=body,
+        responses={200: {"model": TFServingAnswer}, **predict_refusals},
+    )
     async def tf_serving_predict(request: Request) -> Response:
         """TensorFlow Serving's REST predict API, row format: ``{"predictions": [[10 probs]]}``."""
         started = time.perf_counter()
@@ -131,7 +118,11 @@ def add_routes(
         answered(tf_predict_path, loaded, images, probs, started)
         return json_response({"predictions": probs})
 
-    @app.post("/predict", openapi_extra=body)
+    @app.post(
+        "/predict",
+        openapi_extra=body,
+        responses={200: {"model": PredictAnswer}, **predict_refusals},
+    )
     async def predict(request: Request) -> Response:
         """Digit and probabilities per image, and the model version that answered."""
         started = time.perf_counter()
@@ -149,8 +140,8 @@ def add_routes(
             }
         )
 
-    @app.post(IMAGE_PATH)
-    async def predict_image(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008
+    @app.post(IMAGE_PATH, openapi_extra=UPLOAD, responses=refusals(400, 413, 422, 503))
+    async def predict_image(file: UploadFile = File(...)) -> ImageAnswer:  # noqa: B008
         """A PNG or JPEG of one handwritten digit, any size, dark on light or light on dark."""
         started = time.perf_counter()
         digit = read_upload(await file.read())
@@ -172,12 +163,12 @@ def add_routes(
 
     rate = RateLimit(serve.feedback_per_minute)
 
-    @app.post("/feedback", status_code=201)
+    @app.post("/feedback", status_code=201, responses=refusals(400, 401, 403, 413, 422, 429))
     async def feedback(
         correction: Correction,
         request: Request,
         authorization: str | None = Header(default=None),  # noqa: B008
-    ) -> dict[str, Any]:
+    ) -> FeedbackAnswer:
         """Queue a corrected digit for review in ``data/incoming/pending/``, with the served
         model's answer: once a reviewer accepts it (``python -m pipelines.review``), the next
         training run's merge stage adds it to the training set."""
@@ -248,19 +239,19 @@ def add_routes(
     add_oip_routes(app, serve, model_name, champion, served, answered)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> Health:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
+    @app.get("/ready", responses={503: {"model": NotReady, "description": "no model loaded yet"}})
+    async def ready() -> Ready:
         """200 once a model is loaded; 503 with the reason before."""
         if champion.current is None:
             return JSONResponse({"ready": False, "reason": champion.last_error}, status_code=503)
         return {"ready": True, "version": champion.current.version}
 
-    @app.get("/model")
-    async def model_info() -> dict[str, Any]:
+    @app.get("/model", responses=refusals(503))
+    async def model_info() -> ModelInfo:
         """Name, version, alias, metrics and load time of the served model."""
         loaded = served()
         return {
@@ -324,7 +315,7 @@ def add_oip_routes(
         return loaded
 
     @app.get("/v2")
-    async def oip_server_metadata() -> dict[str, Any]:
+    async def oip_server_metadata() -> ServerMetadata:
         """Open Inference Protocol: the server's name, version and extensions."""
         from importlib.metadata import version
 
@@ -335,42 +326,65 @@ def add_oip_routes(
         }
 
     @app.get("/v2/health/live")
-    async def oip_live() -> dict[str, bool]:
+    async def oip_live() -> Live:
         """Open Inference Protocol: the server answers."""
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get(
+        "/v2/health/ready",
+        responses={
+            200: {"model": ServerReady},
+            400: {"model": ServerReady, "description": "not ready: no model is loaded yet"},
+        },
+    )
     async def oip_ready() -> Response:
         """Open Inference Protocol: 200 once a model is loaded; 400 before, as the protocol says
         (a 4xx means false)."""
         ready = champion.current is not None
         return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
 
-    @app.get(OIP_MODEL)
-    @app.get(OIP_VERSION)
-    async def oip_model_metadata(model: str, version: str | None = None) -> Response:
-        """Open Inference Protocol: the model's versions and its input and output tensors."""
+    not_served = refusals(400, 404, 503, body=OIPError)
+
+    async def model_metadata(model: str, version: str | None) -> Response:
         try:
             loaded = resolve(model, version, served())
         except InputError as exc:
             return oip_error(exc)
         return json_response(oip.model_metadata(model_name, loaded.version, serve.max_batch))
 
-    @app.get(f"{OIP_MODEL}/ready")
-    @app.get(f"{OIP_VERSION}/ready")
-    async def oip_model_ready(model: str, version: str | None = None) -> Response:
-        """Open Inference Protocol: 200 once the model is loaded; 400 before."""
+    metadata = {"model": ModelMetadata}
+
+    @app.get(OIP_MODEL, responses={200: metadata, **not_served})
+    async def oip_model_metadata(model: str) -> Response:
+        """Open Inference Protocol: the model's versions and its input and output tensors."""
+        return await model_metadata(model, None)
+
+    @app.get(OIP_VERSION, responses={200: metadata, **not_served})
+    async def oip_version_metadata(model: str, version: str) -> Response:
+        """Open Inference Protocol: the version's input and output tensors."""
+        return await model_metadata(model, version)
+
+    def model_ready(model: str, version: str | None) -> Response:
         try:
             ready = resolve(model, version, champion.current) is not None
         except InputError as exc:
             return oip_error(exc)
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 400)
 
-    @app.post(f"{OIP_MODEL}/infer")
-    @app.post(f"{OIP_VERSION}/infer")
-    async def oip_infer(request: Request, model: str, version: str | None = None) -> Response:
-        """Open Inference Protocol: probabilities for a tensor of images, as JSON or, with the
-        binary tensor data extension, as raw bytes after the JSON header."""
+    readiness = {200: {"model": ModelReady}, **refusals(404, body=OIPError)}
+    readiness[400] = {"model": ModelReady, "description": "not ready: no model is loaded yet"}
+
+    @app.get(f"{OIP_MODEL}/ready", responses=readiness)
+    async def oip_model_ready(model: str) -> Response:
+        """Open Inference Protocol: 200 once the model is loaded; 400 before."""
+        return model_ready(model, None)
+
+    @app.get(f"{OIP_VERSION}/ready", responses=readiness)
+    async def oip_version_ready(model: str, version: str) -> Response:
+        """Open Inference Protocol: 200 once this version is loaded; 400 before."""
+        return model_ready(model, version)
+
+    async def infer(request: Request, model: str, version: str | None) -> Response:
         started = time.perf_counter()
         try:
             loaded = resolve(model, version, served())
@@ -383,3 +397,32 @@ def add_oip_routes(
         answered(f"{OIP_MODEL}/infer", loaded, parsed.images, probs, started)
         body, headers = oip.infer_response(model_name, loaded.version, parsed, probs)
         return Response(body, headers=headers)
+
+    infer_doc = {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": inlined(InferRequest)}},
+            }
+        },
+        "responses": {
+            200: {
+                "model": InferAnswer,
+                "content": {"application/octet-stream": {}},
+                "description": "JSON, or with binary outputs the JSON header and the raw "
+                "little-endian FP32 probabilities (Inference-Header-Content-Length)",
+            },
+            **refusals(400, 404, 413, 503, body=OIPError),
+        },
+    }
+
+    @app.post(f"{OIP_MODEL}/infer", **infer_doc)
+    async def oip_infer(request: Request, model: str) -> Response:
+        """Open Inference Protocol: probabilities for a tensor of images, as JSON or, with the
+        binary tensor data extension, as raw bytes after the JSON header."""
+        return await infer(request, model, None)
+
+    @app.post(f"{OIP_VERSION}/infer", **infer_doc)
+    async def oip_version_infer(request: Request, model: str, version: str) -> Response:
+        """Open Inference Protocol: inference by this version, which must be the one served."""
+        return await infer(request, model, version)
