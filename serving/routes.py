@@ -44,7 +44,6 @@ from serving.schemas import (
     ServerMetadata,
     ServerReady,
     TFServingAnswer,
-    inlined,
     read_body,
     refusals,
 )
@@ -399,12 +398,7 @@ def add_oip_routes(
         return Response(body, headers=headers)
 
     infer_doc = {
-        "openapi_extra": {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": inlined(InferRequest)}},
-            }
-        },
+        "openapi_extra": read_body(InferRequest),
         "responses": {
             200: {
                 "model": InferAnswer,

@@ -86,11 +86,14 @@ def inlined(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
-def read_body(model: type[BaseModel], max_batch: int, field: str) -> dict[str, Any]:
+def read_body(
+    model: type[BaseModel], max_items: int | None = None, field: str | None = None
+) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads its body itself: ``model``'s schema as the
-    request body, with ``serve.max_batch`` as the most items in ``field``."""
+    request body, with at most ``max_items`` (``serve.max_batch``) in the list ``field``."""
     schema = inlined(model)
-    schema["properties"][field]["maxItems"] = max_batch
+    if field is not None:
+        schema["properties"][field]["maxItems"] = max_items
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
