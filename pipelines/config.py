@@ -238,6 +238,10 @@ class ServeParams(Section):
     threads: int = Field(ge=1)  # runtime threads per request
     workers: int = Field(ge=1)  # server processes, each with its own model
     max_batch: int = Field(ge=1)  # images per request
+    http: Literal["h11", "httptools"]  # uvicorn's HTTP parser
+    batch_requests: bool  # one model call for the images of requests that arrive together
+    max_batch_wait_ms: float = Field(ge=0, le=1000)  # how long a batch's first request waits
+    batch_max_images: int = Field(ge=1)  # a batch goes as soon as it holds this many images
     max_body_bytes: int = Field(ge=1)  # JSON request bodies
     max_upload_bytes: int = Field(ge=1)  # uploaded images
     feedback: bool  # POST /feedback (the page's "correct this prediction") queues for review

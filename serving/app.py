@@ -35,6 +35,7 @@ from fastapi import FastAPI
 
 from pipelines.config import Params, ServeParams, load_params
 from pipelines.merge import INCOMING_DIR
+from serving.batching import Batcher
 from serving.champion import Champion
 from serving.errors import add_error_handlers
 from serving.inference_log import InferenceLog
@@ -139,7 +140,13 @@ def create_app(
     app.state.metrics, app.state.inference_log, app.state.shadow = metrics, inference_log, shadow
     add_error_handlers(app)
     token = write_token or os.environ.get(TOKEN_ENV) or None
-    add_routes(app, serve, name, champion, incoming_dir, metrics, inference_log, token, shadow)
+    batcher = None
+    if serve.batch_requests:
+        batcher = Batcher(serve.batch_max_images, serve.max_batch_wait_ms / 1000)
+    app.state.batcher = batcher
+    add_routes(
+        app, serve, name, champion, incoming_dir, metrics, inference_log, token, shadow, batcher
+    )
     app.add_middleware(
         BodyLimit,
         max_body_bytes=serve.max_body_bytes,
@@ -201,7 +208,7 @@ def main() -> None:
     log_dir = Path(args.log_dir) if args.log_dir else None
     if workers == 1:
         app = create_app(params, incoming_dir=Path(args.incoming), log_dir=log_dir)
-        run_server(app, host, port)
+        run_server(app, host, port, http=params.serve.http)
         return
     os.environ["MNIST_SERVE_PARAMS"] = args.params
     os.environ["MNIST_SERVE_INCOMING"] = args.incoming
@@ -213,7 +220,7 @@ def main() -> None:
     if own_folder:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
     try:
-        run_server("serving.app:app_from_environment", host, port, workers)
+        run_server("serving.app:app_from_environment", host, port, workers, http=params.serve.http)
     finally:
         if own_folder:
             shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)

@@ -95,7 +95,8 @@ def _simd_batch(body: bytes, max_batch: int) -> np.ndarray | None:
             if min(high) > 1 and max(high) <= 255:  # 0-255 images, nothing out of range
                 return whole.astype(np.uint8).reshape(n, IMAGE_SIDE, IMAGE_SIDE, 1)
         flat = np.frombuffer(instances.as_buffer(of_type="d"), dtype=np.float64)
-    except (ValueError, KeyError, TypeError, IndexError):  # not JSON, not this shape, not numbers
+    # not JSON, not this shape, not numbers; RuntimeError: an integer beyond 64 bits (BIGINT_ERROR)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError):
         return None
     return scaled_images(flat.astype(np.float32).reshape(n, IMAGE_SIDE, IMAGE_SIDE))
 

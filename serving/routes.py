@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from pipelines.config import ServeParams
 from pipelines.review import count_waiting, save_pending
+from serving.batching import Batcher
 from serving.champion import Champion, Loaded
 from serving.errors import InputError
 from serving.inference_log import Answered, InferenceLog
@@ -74,11 +75,13 @@ def add_routes(
     inference_log: InferenceLog | None = None,
     write_token: str | None = None,
     shadow: Shadow | None = None,
+    batcher: Batcher | None = None,
 ) -> None:
     """Add the API's routes to ``app``, each reading ``champion.current`` when it answers. Each
     answer is counted in ``metrics`` and queued to ``shadow`` (which passes it on to the log) or
     ``inference_log``, where they are given. With ``write_token``, POST /feedback (the one write)
-    needs ``Authorization: Bearer <token>``."""
+    needs ``Authorization: Bearer <token>``. With ``batcher``, the model runs once for the images
+    of the requests that arrive together (``serving.batching``)."""
     # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
     # more route to match through on every request.
 
@@ -87,6 +90,12 @@ def add_routes(
         if loaded is None:
             raise InputError(503, "model", f"no model loaded ({champion.last_error})")
         return loaded
+
+    async def run_model(loaded: Loaded, images: np.ndarray) -> np.ndarray:
+        """The model's probabilities for this request's images, in a batch with others'."""
+        if batcher is None:
+            return loaded.predictor.predict(images)
+        return await batcher.predict(loaded.predictor, images)
 
     def answered(endpoint: str, loaded: Loaded, images, probs, started: float) -> None:
         """Record an answer: a few counter increments here, the rest on the log's thread."""
@@ -113,7 +122,7 @@ def add_routes(
         started = time.perf_counter()
         images = parse_instances(await request.body(), serve.max_batch)
         loaded = served()
-        probs = loaded.predictor.predict(images)
+        probs = await run_model(loaded, images)
         answered(tf_predict_path, loaded, images, probs, started)
         return json_response({"predictions": probs})
 
@@ -127,7 +136,7 @@ def add_routes(
         started = time.perf_counter()
         images = parse_instances(await request.body(), serve.max_batch)
         loaded = served()
-        probs = loaded.predictor.predict(images)
+        probs = await run_model(loaded, images)
         answered("/predict", loaded, images, probs, started)
         digits = probs.argmax(axis=1).tolist()
         return json_response(
@@ -146,7 +155,7 @@ def add_routes(
         digit = read_upload(await file.read())
         loaded = served()
         batch = digit[None, ..., None]  # uint8 pixels
-        all_probs = loaded.predictor.predict(batch)
+        all_probs = await run_model(loaded, batch)
         answered(IMAGE_PATH, loaded, batch, all_probs, started)
         probs = all_probs[0]
         return {
@@ -213,7 +222,7 @@ def add_routes(
         answer = {}
         loaded = champion.current
         if loaded is not None:  # what the model says, for the reviewer
-            probs = loaded.predictor.predict(digit[None, ..., None])[0]
+            probs = (await run_model(loaded, digit[None, ..., None]))[0]
             answer = {
                 "digit": int(probs.argmax()),
                 "confidence": float(probs.max()),
@@ -235,7 +244,7 @@ def add_routes(
             "accepted digits join the next training run (merge stage)",
         }
 
-    add_oip_routes(app, serve, model_name, champion, served, answered)
+    add_oip_routes(app, serve, model_name, champion, served, run_model, answered)
 
     @app.get("/health")
     async def health() -> Health:
@@ -271,6 +280,7 @@ def add_routes(
             },
             # this worker's counts (a --workers server's /metrics sums them all)
             "shadow": None if shadow is None else shadow.describe(),
+            "batching": None if batcher is None else batcher.describe(),
         }
 
     if metrics is not None:
@@ -286,11 +296,17 @@ def add_routes(
 
 
 def add_oip_routes(
-    app: FastAPI, serve: ServeParams, model_name: str, champion: Champion, served, answered
+    app: FastAPI,
+    serve: ServeParams,
+    model_name: str,
+    champion: Champion,
+    served,
+    run_model,
+    answered,
 ):
     """The Open Inference Protocol (v2) on ``app`` (``serving.oip``), answering with the model
-    ``served()`` gives (503 while none is loaded) and recording each answer through
-    ``answered``, as the other APIs do."""
+    ``served()`` gives (503 while none is loaded), through ``run_model``, and recording each
+    answer through ``answered``, as the other APIs do."""
     from serving import oip
 
     def oip_error(exc: InputError) -> Response:
@@ -392,7 +408,7 @@ def add_oip_routes(
             )
         except InputError as exc:
             return oip_error(exc)
-        probs = loaded.predictor.predict(parsed.images)
+        probs = await run_model(loaded, parsed.images)
         answered(f"{OIP_MODEL}/infer", loaded, parsed.images, probs, started)
         body, headers = oip.infer_response(model_name, loaded.version, parsed, probs)
         return Response(body, headers=headers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pipelines.constants import IMAGE_SIDE, NUM_CLASSES
 
@@ -34,6 +34,19 @@ Probabilities = Annotated[
     list[float], Field(min_length=NUM_CLASSES, max_length=NUM_CLASSES, description="digits 0-9")
 ]
 Digit = Annotated[int, Field(ge=0, le=NUM_CLASSES - 1)]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integer, which 3.0 is too; not a boolean or a string (pydantic's lax int
+    would read ``true`` and ``"3"``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+Label = Annotated[int, Field(ge=0, le=NUM_CLASSES - 1), BeforeValidator(_whole_number)]
 
 
 class ErrorBody(BaseModel):
@@ -139,9 +152,7 @@ class Correction(BaseModel):
     """The page's "correct this prediction": the digit the model saw and its right label."""
 
     image: Image = Field(description="the `input` that POST /predict/image returned")
-    label: Annotated[int, Field(ge=0, le=NUM_CLASSES - 1, strict=True)] = Field(
-        description="the digit it really is"
-    )
+    label: Label = Field(description="the digit it really is")
 
 
 class FeedbackAnswer(BaseModel):
@@ -171,6 +182,13 @@ class LogState(BaseModel):
     dropped: int
 
 
+class Batching(BaseModel):
+    max_images: int
+    max_wait_ms: float
+    calls: int = Field(description="model calls this worker made for requests")
+    images: int = Field(description="the images those calls held")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -184,6 +202,7 @@ class ModelInfo(BaseModel):
     last_reload_error: str | None
     inference_log: LogState | None
     shadow: dict[str, Any] | None = Field(description="this worker's shadow counts")
+    batching: Batching | None = Field(description="this worker's batching across requests")
 
 
 # --- the Open Inference Protocol (serving.oip parses; these describe) ---------------------------
@@ -223,11 +242,15 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any]
 
 
+Side = Literal[IMAGE_SIDE]  # an image's height or width in a tensor's shape
+
+
 class InferInput(BaseModel):
     name: Literal["input"]
-    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=4)] = Field(
-        description="[N, 28, 28] or [N, 28, 28, 1]"
-    )
+    shape: (
+        tuple[Annotated[int, Field(ge=1)], Side, Side]
+        | tuple[Annotated[int, Field(ge=1)], Side, Side, Literal[1]]
+    ) = Field(description="[N, 28, 28] or [N, 28, 28, 1]")
     datatype: Literal["UINT8", "FP32"]
     data: list[Any] | None = Field(
         default=None,

@@ -150,17 +150,22 @@ def _rebuild_listener(dup, family, kind, proto, table, max_defer_s) -> BalancedL
 ForkingPickler.register(BalancedListener, _reduce_listener)
 
 
-def run_server(app, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
-    """Serve ``app`` under uvicorn. With ``workers`` above 1, ``app`` is the import string of an
-    application factory, each worker process runs its own application, and the workers share one
-    ``BalancedListener``."""
+def run_server(
+    app, host: str, port: int, workers: int = 1, log_level: str = "info", http: str = "h11"
+) -> None:
+    """Serve ``app`` under uvicorn, parsing HTTP with ``http`` (``h11`` or ``httptools``), on
+    asyncio's own event loop (see above: not uvloop). With ``workers`` above 1, ``app`` is the
+    import string of an application factory, each worker process runs its own application, and
+    the workers share one ``BalancedListener``."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    options = dict(host=host, port=port, log_level=log_level, access_log=False)
+    options = dict(
+        host=host, port=port, log_level=log_level, access_log=False, loop="asyncio", http=http
+    )
     if workers == 1:
         uvicorn.run(app, **options)
         return
-    config = uvicorn.Config(app, factory=True, workers=workers, loop="asyncio", **options)
+    config = uvicorn.Config(app, factory=True, workers=workers, **options)
     listener = BalancedListener.from_socket(config.bind_socket())
     Multiprocess(config, sockets=[listener]).run()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -105,6 +107,42 @@ def test_predict_matches_keras_for_both_value_scales(served, registry):
         assert digits == expected.argmax(axis=1).tolist()
         probs = np.array([p["probabilities"] for p in answer["predictions"]])
         assert np.abs(probs - expected).max() < 1e-4
+
+
+def test_requests_at_once_share_model_calls_and_each_gets_its_own_answer(
+    registry, test_params, monkeypatch, tmp_path
+):
+    """Batching across requests (serving/batching.py) through the app: requests sent together
+    from 13 threads, on one event loop, with a window long enough that they meet."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines import tracking
+
+    store, _, x_test = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    tracking.use_store()
+    serve = test_params.serve.model_copy(update={"max_batch_wait_ms": 200, "batch_max_images": 64})
+    params = test_params.model_copy(update={"serve": serve})
+    champion = Champion(NAME, "champion", "model.onnx", cache_dir=tmp_path)
+    bad = {"instances": [[[300] * 28] * 28]}  # out of range: refused before it reaches a batch
+    requests = [body(x_test[i : i + 1 + i % 3]) for i in range(12)] + [bad]
+    with TestClient(create_app(params, champion, poll=False, incoming_dir=tmp_path)) as client:
+        alone = [client.post(PREDICT, json=r).json() for r in requests[:12]]  # one at a time
+        before = client.get("/model").json()["batching"]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: client.post(PREDICT, json=r), requests))
+        after = client.get("/model").json()["batching"]
+    assert [a.status_code for a in answers] == [200] * 12 + [422]
+    assert answers[12].json()["field"] == "instances[0]"
+    for answer, expected in zip(answers[:12], alone, strict=True):
+        got, want = answer.json()["predictions"], expected["predictions"]
+        assert [p["digit"] for p in got] == [p["digit"] for p in want]
+        np.testing.assert_allclose(
+            [p["probabilities"] for p in got], [p["probabilities"] for p in want], atol=1e-5
+        )
+    assert after["images"] - before["images"] == sum(len(r["instances"]) for r in requests[:12])
+    assert after["calls"] - before["calls"] < 12  # some requests shared a call
 
 
 def test_tf_serving_api_row_format(served, registry):
@@ -856,3 +894,31 @@ def test_open_inference_protocol_through_tritonclient(live_server, registry):
     assert (
         'endpoint="/v2/models/{model}/versions/{version}/infer",method="POST",status="404"' in text
     )
+
+
+def test_the_openapi_contract_holds_under_schemathesis(live_server):
+    """schemathesis (tests/schemathesis.toml) generates requests from /openapi.json, valid and
+    invalid, and runs all of its checks on the answers (all are on unless the config file turns
+    one off: naming them with --checks would override its exceptions): no server error, every status and body
+    as documented, what the schema admits answered 200, what it refuses answered 4xx. Bounded:
+    a few examples per operation, a fixed seed, no example database. Last in this module, as its
+    generated corrections use up this client's feedback allowance."""
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    done = subprocess.run(
+        [
+            str(schemathesis), "--no-color", "--config-file", "tests/schemathesis.toml", "run",
+            f"{live_server}/openapi.json", "--max-examples", "25",
+            "--seed", "1", "--generation-database", "none", "--request-timeout", "10",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report[-6000:]
+    operations = re.search(r"Tested: (\d+)", report)
+    assert operations is not None and int(operations.group(1)) >= 16, report[-3000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", report)
+    assert cases is not None and cases.group(1) == cases.group(2), report[-3000:]
+    assert int(cases.group(1)) >= 16 * 25 and "Failures:" not in report, report[-3000:]
+    for phase in ("Coverage", "Fuzzing", "Stateful"):
+        assert f"✅ {phase}" in report, report[-3000:]
