@@ -19,7 +19,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve review monitor shadow bench bench-serve bench-time bench-augment bench-adversarial bench-evaluate bench-scale clean-smoke push pull
+.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve review monitor shadow bench bench-serve bench-wrk bench-time bench-augment bench-adversarial bench-evaluate bench-scale clean-smoke push pull
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -99,6 +99,15 @@ bench: $(STAMP) ## benchmarks: training throughput vs the seed recipe, then the 
 
 bench-serve: $(STAMP) ## benchmark: the REST server under load vs a constant FastAPI endpoint, and the monitoring's cost
 	$(BIN)/python -m benchmarks.serve_load --monitoring
+
+bench-wrk: $(STAMP) ## benchmark: the server under wrk vs a constant endpoint on uvloop+httptools and vs mlflow models serve (needs `make run`)
+	@if ! command -v wrk >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's wrk (apt)"; \
+			apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; \
+		else echo "wrk is missing: sudo apt-get install wrk"; exit 1; fi; \
+	fi
+	$(BIN)/python -m benchmarks.serve_wrk
 
 bench-time: $(STAMP) ## benchmark: wall time to the seed recipe's final accuracy, full data (~30 min)
 	$(BIN)/python -m benchmarks.time_to_accuracy

@@ -229,3 +229,32 @@ def test_drift_thresholds_benchmark_prints_each_window_and_shift(raw_dir: Path, 
     assert "model: none (labels)" in out
     inverted = [float(share) for _, s, _, share, _ in rows if s == "inverted"]
     assert all(share >= 0.5 for share in inverted), out  # an inverted window drifts, always
+
+
+WRK_REPORT = """Running 5s test @ http://127.0.0.1:8000/predict
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     8.90ms    9.10ms 190.00ms   95.00%
+    Req/Sec     3.25k   200.00     3.60k    70.00%
+  Latency Distribution
+     50%    8.88ms
+     75%   10.02ms
+     90%   12.50ms
+     99%    1.20s
+  16160 requests in 5.00s, 9.10MB read
+Requests/sec:   3232.71
+Transfer/sec:      1.82MB
+"""
+
+
+def test_serve_wrk_reads_wrks_report_and_refuses_errors() -> None:
+    from benchmarks.serve_wrk import read_wrk
+
+    # the units of each percentile are wrk's own (us, ms, s)
+    assert read_wrk(WRK_REPORT, "u") == {"rps": 3232.71, "p50_ms": 8.88, "p99_ms": 1200.0}
+    # a server answering errors fast is not fast: the run fails
+    errors = WRK_REPORT.replace("Requests/sec", "  Non-2xx or 3xx responses: 12\nRequests/sec")
+    with pytest.raises(RuntimeError, match="non-2xx"):
+        read_wrk(errors, "u")
+    with pytest.raises(RuntimeError, match="could not read"):
+        read_wrk("Requests/sec: 10\n", "u")

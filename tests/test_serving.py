@@ -122,7 +122,9 @@ def test_requests_at_once_share_model_calls_and_each_gets_its_own_answer(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     monkeypatch.chdir(store)
     tracking.use_store()
-    serve = test_params.serve.model_copy(update={"max_batch_wait_ms": 200, "batch_max_images": 64})
+    serve = test_params.serve.model_copy(
+        update={"batch_requests": True, "max_batch_wait_ms": 200, "batch_max_images": 64}
+    )
     params = test_params.model_copy(update={"serve": serve})
     champion = Champion(NAME, "champion", "model.onnx", cache_dir=tmp_path)
     bad = {"instances": [[[300] * 28] * 28]}  # out of range: refused before it reaches a batch
