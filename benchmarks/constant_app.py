@@ -1,5 +1,6 @@
 """The framework's ceiling for benchmarks/serve_load.py: FastAPI under uvicorn, run exactly as
-serving/app.py runs (``serving.workers.run_server``, serve.http's parser), with a ``POST /predict`` that reads the body and returns a constant."""
+serving/app.py runs (``serving.workers.run_server``, serve.http's parser), with a
+``POST /predict`` that reads the body and returns a constant."""
 
 from __future__ import annotations
 

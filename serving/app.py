@@ -143,7 +143,6 @@ def create_app(
     batcher = None
     if serve.batch_requests:
         batcher = Batcher(serve.batch_max_images, serve.max_batch_wait_ms / 1000)
-    app.state.batcher = batcher
     add_routes(
         app, serve, name, champion, incoming_dir, metrics, inference_log, token, shadow, batcher
     )

@@ -1,10 +1,10 @@
 """Batching across requests: the images of requests that arrive together go through the model in
 one call, and each request gets back its own rows.
 
-Most of a one-image request's cost is the model call's fixed part (setting the input, resizing
-the interpreter, invoking it), not the image (docs/results/2026-12-03-serving-batching.md). Under
-load, requests queue on a worker's event loop faster than the model answers them one by one, so
-one call for all of them costs less than a call each.
+Each model call has a fixed part (setting the input, resizing the interpreter, invoking it) that
+one call for several requests pays once. Whether that wins depends on the machine: on 2 cores it
+did not, and it lengthened the tail, so ``serve.batch_requests`` is off by default
+(docs/results/2026-12-03-serving-wrk.md).
 
 ``Batcher.predict`` queues a request's images and waits. The first request of a batch schedules
 the model call ``max_wait_s`` later (with 0, on the event loop's next turn: after the handlers
