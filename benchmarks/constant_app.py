@@ -1,10 +1,18 @@
 """The framework's ceiling for benchmarks/serve_load.py: FastAPI under uvicorn, run exactly as
 serving/app.py runs (``serving.workers.run_server``, serve.http's parser), with a
-``POST /predict`` that reads the body and returns a constant."""
+``POST /predict`` that reads the body and returns a constant.
+
+``model_app`` is the ceiling of any server that runs the champion on this stack, for
+benchmarks/serve_wrk.py: the same endpoint, but it parses the body, runs the champion's served
+export and answers as the project's server does, with none of the project's own work (no
+inference log, metrics, size limit or model polling). The project's server against it is what the
+project itself costs; it against the constant is what the model costs.
+"""
 
 from __future__ import annotations
 
 import argparse
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
@@ -24,6 +32,41 @@ async def predict(request: Request) -> dict[str, int]:
 
 def constant_app() -> FastAPI:
     return app
+
+
+def model_app() -> FastAPI:
+    """The constant endpoint plus the model (see above), for ``--factory``: the champion named by
+    ``MNIST_BENCH_PARAMS``' register and serve sections (default params.yaml), loaded once."""
+    import os
+
+    from pipelines import tracking
+    from pipelines.config import load_params
+    from serving.champion import Champion
+    from serving.parsing import parse_instances
+    from serving.routes import json_response, predict_answer
+
+    params = load_params(os.environ.get("MNIST_BENCH_PARAMS", "params.yaml"))
+    register, serve = params.register, params.serve
+    tracking.use_store()
+    champion = Champion(register.model_name, register.champion_alias, serve.format, serve.threads)
+    if not champion.refresh():
+        raise RuntimeError(f"the model baseline has no champion: {champion.last_error}")
+    loaded = champion.current
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        champion.stop()  # its download folder goes with it
+
+    model = FastAPI(lifespan=lifespan)
+    model.get("/ready")(ready)
+
+    @model.post("/predict")
+    async def predict(request: Request):
+        probs = loaded.predictor.predict(parse_instances(await request.body(), serve.max_batch))
+        return json_response(predict_answer(loaded.version, probs))
+
+    return model
 
 
 def main() -> None:

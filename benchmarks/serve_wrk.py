@@ -5,6 +5,10 @@ Baseline: CONSTANT, ``benchmarks/constant_app.py`` (a FastAPI ``POST /predict`` 
 body and returns a constant) under uvicorn with uvloop and httptools, 2 worker processes: what the
 framework does when the model and the project's own work cost nothing.
 Compared:
+- MODEL, ``benchmarks/constant_app.py``'s ``model_app`` on CONSTANT's stack: it parses the body, runs
+  the champion's served export and answers as PROJECT does, with none of the project's own work.
+  MODEL / CONSTANT is what the model costs, the best share any server running it can reach here;
+  PROJECT / MODEL is what the project's own work costs;
 - PROJECT, the real server (``python -m serving.app``, params.yaml or ``--params``), one 28x28
   MNIST digit per ``POST /predict`` as 0-255 integers;
 - each ``--variant NAME=PARAMS`` (the real server with another params file: batching off,
@@ -53,6 +57,7 @@ from benchmarks.serve_load import free_port
 GOAL_SHARE = 0.6  # of CONSTANT's requests per second, at 32 connections ...
 GOAL_P99_MS = 10.0  # ... with this tail
 BASELINE = "CONSTANT"
+MODEL = "MODEL"
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -146,6 +151,15 @@ def read_wrk(out: str, url: str) -> dict:
     return {"rps": float(rate.group(1)), "p50_ms": latency[50], "p99_ms": latency[99]}
 
 
+def ceiling_stack(factory: str, port: int) -> list[str]:
+    """``benchmarks.constant_app``'s ``factory`` under uvicorn with uvloop and httptools, 2 workers."""
+    return [
+        sys.executable, "-m", "uvicorn", f"benchmarks.constant_app:{factory}", "--factory",
+        "--loop", "uvloop", "--http", "httptools", "--workers", "2", "--host", "127.0.0.1",
+        "--port", str(port), "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+
+
 def real_server(name: str, params_file: Path, folder: Path) -> tuple[list[str], dict]:
     """The project's server on its own port, its inference log in ``folder``."""
     params = yaml.safe_load(params_file.read_text())
@@ -186,6 +200,7 @@ def main() -> None:
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "MLFLOW_TRACKING_URI": tracking_uri(),  # mlflow's CLI does not know the project's store
+        "MNIST_BENCH_PARAMS": args.params,  # MODEL's champion
         # mlflow models serve runs `uvicorn` by name: the venv's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -194,14 +209,10 @@ def main() -> None:
         servers: dict[str, dict] = {}
         port = free_port()
         servers[BASELINE] = {"port": port, "path": "/predict", "ready": "/ready"}
-        argv = {
-            BASELINE: [
-                sys.executable, "-m", "uvicorn", "benchmarks.constant_app:constant_app",
-                "--factory", "--loop", "uvloop", "--http", "httptools", "--workers", "2",
-                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                "--no-access-log",
-            ]
-        }  # fmt: skip
+        argv = {BASELINE: ceiling_stack("constant_app", port)}
+        port = free_port()
+        servers[MODEL] = {"port": port, "path": "/predict", "ready": "/ready"}
+        argv[MODEL] = ceiling_stack("model_app", port)
         for name, params_file in variants:
             argv[name], servers[name] = real_server(name, params_file, folder)
         if not args.no_mlflow:
@@ -218,7 +229,7 @@ def main() -> None:
         for name, spec in servers.items():
             base = f"http://127.0.0.1:{spec['port']}"
             spec["url"] = base + spec["path"]
-            print(f"starting {name} ...", flush=True)
+            print(f"starting {name} on port {spec['port']} ...", flush=True)
             stack.enter_context(
                 server(name, argv[name], base + spec["ready"], env, folder / f"{name}.log")
             )
@@ -251,6 +262,11 @@ def main() -> None:
         args.json.write_text(json.dumps(figures, indent=1))
 
 
+def ratios(rounds: dict[str, list[dict]], name: str, other: str) -> list[float]:
+    """``name``'s requests/s over ``other``'s, round by round (they ran side by side)."""
+    return [a["rps"] / b["rps"] for a, b in zip(rounds[name], rounds[other], strict=True)]
+
+
 def report(figures: dict[int, dict[str, list[dict]]]) -> None:
     for connections, by_server in figures.items():
         print(f"\n{connections} connection(s), wrk -t1")
@@ -263,33 +279,27 @@ def report(figures: dict[int, dict[str, list[dict]]]) -> None:
                 f"{statistics.median(r['p50_ms'] for r in rounds):>10.2f}"
                 f"{statistics.median(r['p99_ms'] for r in rounds):>10.2f}"
             )
-        base = [r["rps"] for r in by_server[BASELINE]]
-        for name, rounds in by_server.items():
-            if name == BASELINE:
-                continue
-            shares = [r["rps"] / b for r, b in zip(rounds, base, strict=True)]
-            print(
-                f"{name} / {BASELINE}: {statistics.median(shares):.3f}x "
-                f"(rounds {min(shares):.3f}-{max(shares):.3f})"
-            )
+        pairs = [(name, BASELINE, "") for name in by_server if name != BASELINE]
+        pairs.append(("PROJECT", MODEL, " (the project's own work)"))
         if "MLFLOW" in by_server:
-            ratios = [
-                p["rps"] / m["rps"]
-                for p, m in zip(by_server["PROJECT"], by_server["MLFLOW"], strict=True)
-            ]
+            pairs.append(("PROJECT", "MLFLOW", ""))
+        for name, other, note in pairs:
+            shares = ratios(by_server, name, other)
+            digits = 1 if other == "MLFLOW" else 3
             print(
-                f"PROJECT / MLFLOW: {statistics.median(ratios):.1f}x (rounds {min(ratios):.1f}-{max(ratios):.1f})"
+                f"{name} / {other}{note}: {statistics.median(shares):.{digits}f}x "
+                f"(rounds {min(shares):.{digits}f}-{max(shares):.{digits}f})"
             )
     if 32 in figures:
         rounds = figures[32]
-        share = statistics.median(
-            p["rps"] / b["rps"] for p, b in zip(rounds["PROJECT"], rounds[BASELINE], strict=True)
-        )
+        share = statistics.median(ratios(rounds, "PROJECT", BASELINE))
         p99 = statistics.median(r["p99_ms"] for r in rounds["PROJECT"])
         met = share >= GOAL_SHARE and p99 <= GOAL_P99_MS
+        bound = statistics.median(ratios(rounds, MODEL, BASELINE))
         print(
             f"\ngoal: PROJECT >= {GOAL_SHARE}x {BASELINE} and p99 <= {GOAL_P99_MS:g} ms at 32 "
-            f"connections: {'PASS' if met else 'MISS'} (share {share:.3f}x, p99 {p99:.2f} ms)"
+            f"connections: {'PASS' if met else 'MISS'} (share {share:.3f}x, p99 {p99:.2f} ms; "
+            f"{MODEL}, the model alone on {BASELINE}'s stack: {bound:.3f}x)"
         )
 
 

@@ -65,6 +65,17 @@ def json_response(payload: dict) -> Response:
     )
 
 
+def predict_answer(version: str, probs: np.ndarray) -> dict:
+    """POST /predict's answer (``PredictAnswer``) for a batch's probabilities."""
+    digits = probs.argmax(axis=1).tolist()
+    return {
+        "model_version": version,
+        "predictions": [
+            {"digit": d, "probabilities": row} for d, row in zip(digits, probs, strict=True)
+        ],
+    }
+
+
 def add_routes(
     app: FastAPI,
     serve: ServeParams,
@@ -138,15 +149,7 @@ def add_routes(
         loaded = served()
         probs = await run_model(loaded, images)
         answered("/predict", loaded, images, probs, started)
-        digits = probs.argmax(axis=1).tolist()
-        return json_response(
-            {
-                "model_version": loaded.version,
-                "predictions": [
-                    {"digit": d, "probabilities": row} for d, row in zip(digits, probs, strict=True)
-                ],
-            }
-        )
+        return json_response(predict_answer(loaded.version, probs))
 
     @app.post(IMAGE_PATH, openapi_extra=UPLOAD, responses=refusals(400, 413, 422, 503))
     async def predict_image(file: UploadFile = File(...)) -> ImageAnswer:  # noqa: B008

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,52 @@ def test_serve_load_benchmark_runs_against_the_champion(repro):
     logged = int(re.search(r"inference log rows written by PREDICT: (\d+)", result.stdout)[1])
     assert logged > 0  # PREDICT logged what it answered; the baseline did not
     assert "Keras predict (baseline)" in result.stdout and "model.onnx" in result.stdout
+
+
+def test_serve_wrk_benchmark_runs_every_server_and_prints_the_ratios(repro, tmp_path):
+    """Benchmark smoke test: wrk against the ceiling, the model alone, the project's server and
+    ``mlflow models serve``, one short round each (no timing is asserted)."""
+    import shutil
+
+    if shutil.which("wrk") is None:
+        message = "wrk is missing: apt-get install wrk (.ci/run and make bench-wrk install it)"
+        if os.environ.get("REQUIRE_TEAM_SERVERS") == "1":
+            pytest.fail(message + "; REQUIRE_TEAM_SERVERS=1 forbids skipping")
+        pytest.skip(message)
+    workdir, _ = repro
+    rounds_file = tmp_path / "rounds.json"
+    result = run_in(
+        workdir, "benchmarks.serve_wrk", "--rounds", "1", "--seconds", "1", "--mlflow-seconds",
+        "3", "--pause", "0", "--json", str(rounds_file), timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    servers = ["CONSTANT", "MODEL", "PROJECT", "MLFLOW"]
+    tables = re.split(r"^(\d+) connection\(s\), wrk -t1$", result.stdout, flags=re.M)[1:]
+    assert tables[::2] == ["32", "1"], result.stdout
+    for table in tables[1::2]:  # a row per server, each of which answered
+        rows = re.findall(r"^(\w+)\s+(\d+)\s+\d+-\d+\s+[\d.]+\s+[\d.]+$", table, re.M)
+        assert [name for name, _ in rows] == servers, table
+        assert all(int(rate) > 0 for _, rate in rows), table
+        for pair in (
+            "MODEL / CONSTANT",
+            "PROJECT / CONSTANT",
+            "PROJECT / MODEL",
+            "PROJECT / MLFLOW",
+        ):
+            assert re.search(rf"^{pair}[^:]*: [\d.]+x \(rounds [\d.]+-[\d.]+\)$", table, re.M), (
+                table
+            )
+    assert re.search(
+        r"^goal: .* at 32 connections: (PASS|MISS) \(share [\d.]+x", result.stdout, re.M
+    )
+    figures = json.loads(rounds_file.read_text())
+    assert {c: sorted(by) for c, by in figures.items()} == {c: sorted(servers) for c in ("32", "1")}
+    # and every server it started has stopped: nothing is left listening
+    ports = re.findall(r"^starting (\w+) on port (\d+)", result.stdout, re.M)
+    assert [name for name, _ in ports] == servers, result.stdout
+    for _, port in ports:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(port)), timeout=2).close()
 
 
 def png_file(path, image) -> None:
