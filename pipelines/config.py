@@ -242,6 +242,7 @@ class ServeParams(Section):
     batch_requests: bool  # one model call for the images of requests that arrive together
     max_batch_wait_ms: float = Field(ge=0, le=1000)  # how long a batch's first request waits
     batch_max_images: int = Field(ge=1)  # a batch goes as soon as it holds this many images
+    freeze_gc: bool  # gc.freeze() once the model is loaded (serving/app.py)
     max_body_bytes: int = Field(ge=1)  # JSON request bodies
     max_upload_bytes: int = Field(ge=1)  # uploaded images
     feedback: bool  # POST /feedback (the page's "correct this prediction") queues for review

@@ -25,6 +25,7 @@ the metrics ``serving.metrics`` and the inference log ``serving.inference_log``.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -121,7 +122,16 @@ def create_app(
             champion.start()
             if shadow is not None:
                 shadow.model.start()
+        if serve.freeze_gc:
+            # The libraries and the model make a few hundred thousand objects that live as long
+            # as the server. Each full pass of the cyclic collector walked them all while the
+            # event loop, and every request in flight, waited; frozen, they are not walked again
+            # (docs/results/2026-12-03-serving-gc.md).
+            gc.collect()
+            gc.freeze()
         yield
+        if serve.freeze_gc:
+            gc.unfreeze()  # an app made in a process that goes on (tests) leaves nothing pinned
         champion.stop()
         if shadow is not None:  # before the log, which it hands its last answers to
             shadow.stop()

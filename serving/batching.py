@@ -2,9 +2,11 @@
 one call, and each request gets back its own rows.
 
 Each model call has a fixed part (setting the input, resizing the interpreter, invoking it) that
-one call for several requests pays once. Whether that wins depends on the machine: on 2 cores it
-did not, and it lengthened the tail, so ``serve.batch_requests`` is off by default
-(docs/results/2026-12-03-serving-wrk.md).
+one call for several requests pays once, and the int8 model costs a little less per image in a
+batch. A request that waits for its batch lives across a few turns of the event loop, long enough
+for the cyclic collector to count it as long-lived; its full passes over everything the server
+had made then stalled the loop. With ``serve.freeze_gc`` (serving/app.py) they do not, and
+batching is on by default (docs/results/2026-12-03-serving-gc.md).
 
 ``Batcher.predict`` queues a request's images and waits. The first request of a batch schedules
 the model call ``max_wait_s`` later (with 0, on the event loop's next turn: after the handlers

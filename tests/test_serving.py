@@ -147,6 +147,32 @@ def test_requests_at_once_share_model_calls_and_each_gets_its_own_answer(
     assert after["calls"] - before["calls"] < 12  # some requests shared a call
 
 
+def test_the_server_freezes_what_startup_made_and_lets_it_go_when_it_stops(
+    registry, test_params, monkeypatch, tmp_path
+):
+    """serve.freeze_gc: once the model is loaded, the collector's full passes skip startup's
+    objects (gc.freeze); when the app stops they are the collector's again."""
+    import gc
+
+    from pipelines import tracking
+
+    store, _, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    tracking.use_store()
+    frozen = {}
+    for setting in (True, False):
+        params = test_params.model_copy(
+            update={"serve": test_params.serve.model_copy(update={"freeze_gc": setting})}
+        )
+        champion = Champion(NAME, "champion", "model.onnx", cache_dir=tmp_path / str(setting))
+        with TestClient(create_app(params, champion, poll=False, incoming_dir=tmp_path)) as client:
+            assert client.get("/ready").status_code == 200  # the model was loaded before it froze
+            frozen[setting] = gc.get_freeze_count()
+        assert gc.get_freeze_count() == 0
+    assert frozen[True] > 10_000 and frozen[False] == 0, frozen
+
+
 def test_tf_serving_api_row_format(served, registry):
     client, _ = served
     _, model, x_test = registry
