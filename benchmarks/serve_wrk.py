@@ -22,7 +22,8 @@ by side from the start; each round gives each server ``--seconds`` in turn (MLFL
 ``--mlflow-seconds``), after a short warm-up, so a VM whose speed drifts within a minute drifts
 for all of them alike. Printed per setting and server: the median of the rounds' requests per
 second (and their range), p50 and p99; then each server's share of CONSTANT's rate, round by round
-(median and range), PROJECT against MLFLOW, and the goal at 32 connections.
+(median and range), PROJECT against MODEL and MLFLOW, and the goal at 32 connections, with
+MODEL's share beside it.
 
 Every answer must be a 2xx: wrk's non-2xx or socket errors fail the benchmark, since a server that
 answers errors fast is not fast. The servers are started here, on 127.0.0.1 only, and stopped at
