@@ -200,7 +200,10 @@ def main() -> None:
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "MLFLOW_TRACKING_URI": tracking_uri(),  # mlflow's CLI does not know the project's store
+        # mlflow's CLI does not know the project's store, and reads its registry from
+        # MLFLOW_REGISTRY_URI when that is set (mlflow.set_registry_uri sets it in-process)
+        "MLFLOW_TRACKING_URI": tracking_uri(),
+        "MLFLOW_REGISTRY_URI": tracking_uri(),
         "MNIST_BENCH_PARAMS": args.params,  # MODEL's champion
         # mlflow models serve runs `uvicorn` by name: the venv's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -45,7 +45,8 @@ def run_in(
 ) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` in ``workdir`` with its own MLflow store; output captured as text."""
     full_env = stage_env({"TF_CPP_MIN_LOG_LEVEL": "3"})
-    full_env.pop("MLFLOW_TRACKING_URI", None)
+    for leaked in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow.set_*_uri set them
+        full_env.pop(leaked, None)
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", *args],
