@@ -8,7 +8,6 @@ Without the ``prometheus`` binary the test is skipped with a message; with REQUI
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,20 +18,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.team_support import free_port
+from tests.team_support import free_port, skip_or_fail
 
 
 def need_prometheus() -> str:
     binary = shutil.which("prometheus")
     if binary:
         return binary
-    message = "no prometheus binary: apt-get install prometheus"
-    if os.environ.get("REQUIRE_TEAM_SERVERS") == "1":
-        pytest.fail(message + "; REQUIRE_TEAM_SERVERS=1 forbids skipping")
-    pytest.skip(message)
+    skip_or_fail("no prometheus binary: apt-get install prometheus")
 
 
 @contextmanager

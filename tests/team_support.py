@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -28,14 +29,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def need_postgres() -> None:
-    """Skip (or, in CI, fail) when there are no PostgreSQL server binaries."""
-    if postgres.available():
-        return
-    message = "no PostgreSQL server binaries: apt-get install postgresql (or set PG_BIN)"
+def skip_or_fail(message: str) -> NoReturn:
+    """A server a test needs is missing: skip with ``message``, or fail with it where
+    REQUIRE_TEAM_SERVERS=1 (CI) forbids skipping."""
     if os.environ.get("REQUIRE_TEAM_SERVERS") == "1":
         pytest.fail(message + "; REQUIRE_TEAM_SERVERS=1 forbids skipping")
     pytest.skip(message)
+
+
+def need_postgres() -> None:
+    """Skip (or, in CI, fail) when there are no PostgreSQL server binaries."""
+    if not postgres.available():
+        skip_or_fail("no PostgreSQL server binaries: apt-get install postgresql (or set PG_BIN)")
 
 
 @contextmanager

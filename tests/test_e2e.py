@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 from pathlib import Path
@@ -254,11 +253,10 @@ def test_serve_wrk_benchmark_runs_every_server_and_prints_the_ratios(repro, tmp_
     ``mlflow models serve``, one short round each (no timing is asserted)."""
     import shutil
 
+    from tests.team_support import skip_or_fail
+
     if shutil.which("wrk") is None:
-        message = "wrk is missing: apt-get install wrk (.ci/run and make bench-wrk install it)"
-        if os.environ.get("REQUIRE_TEAM_SERVERS") == "1":
-            pytest.fail(message + "; REQUIRE_TEAM_SERVERS=1 forbids skipping")
-        pytest.skip(message)
+        skip_or_fail("wrk is missing: apt-get install wrk (.ci/run and make bench-wrk install it)")
     workdir, _ = repro
     rounds_file = tmp_path / "rounds.json"
     result = run_in(
