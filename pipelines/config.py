@@ -2,7 +2,7 @@
 
 A stage's section has the stage's name and module (``train`` -> ``pipelines/train.py``); ``serve``
 belongs to ``serving/``, ``deploy`` to ``flows/deploy.py``, and ``tracking`` and ``adversarial``
-are shared by several stages.
+are shared by several stages; ``numbers.segment`` is read by ``serving/`` too.
 Every number the pipeline uses lives in ``params.yaml``; this module only gives it types.
 """
 
@@ -280,6 +280,51 @@ class MonitorParams(Section):
     retrain_deployment: str = Field(pattern=r"^[^/]+/[^/]+$")  # what the automation runs
 
 
+class SegmentParams(Section):
+    """How ``pipelines.segment`` reads a whole number (docs/numbers.md)."""
+
+    min_part_share: float = Field(ge=0, le=1)  # of the largest part's ink: less is a speck
+    merge_overlap: float = Field(ge=0, le=1)  # of the narrower part's columns: more is one digit
+    min_split_aspect: float = Field(gt=0)  # width / line height above which a part may be cut
+    max_piece_aspect: float = Field(gt=0)  # the widest one digit may be, over the line height
+    min_piece_share: float = Field(gt=0, le=1)  # the narrowest piece, a share of the line height
+    digit_aspect: float = Field(gt=0)  # pieces wider than this (over line height) are penalised
+    aspect_spread: float = Field(gt=0)  # ... by a half-normal of this spread, in log units
+    piece_cost: float  # log-score each piece costs: higher favours fewer, wider pieces
+    cut_spread: int = Field(ge=0)  # columns either side of a valley also tried as cuts
+    max_cuts: int = Field(ge=0)  # valleys tried per part, the lowest first
+    max_digits: int = Field(ge=1)  # more parts or digits than this is refused
+    min_confidence: float = Field(ge=0, le=1)  # a digit less sure than this refuses the number
+    max_line_height: int = Field(ge=28)  # taller ink is scaled down to this first (cost)
+
+
+class NumberBenchParams(Section):
+    """The seeded benchmark of numbers made from MNIST's test digits (``pipelines.numbers``)."""
+
+    count: int = Field(ge=1)  # numbers per length and spacing
+    seed: int
+    max_length: int = Field(ge=1)  # lengths 1..max_length
+    scale: tuple[float, float]  # each digit's size, relative to MNIST's
+    jitter: int = Field(ge=0)  # rows each digit moves up or down, at most
+    slant: float = Field(ge=0, le=1)  # the whole number's shear, at most this either way
+    gap: tuple[int, int]  # apart: blank columns between neighbours
+    overlap: tuple[int, int]  # overlapping: columns by which neighbours overlap
+    worst_examples: int = Field(ge=0)  # wrong or refused readings drawn with their boxes
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> NumberBenchParams:
+        for name in ("scale", "gap", "overlap"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name}: expected 0 < low <= high, got [{low}, {high}]")
+        return self
+
+
+class NumbersParams(Section):
+    segment: SegmentParams
+    benchmark: NumberBenchParams
+
+
 class TrackingParams(Section):
     experiment: str
 
@@ -299,6 +344,7 @@ class Params(Section):
     serve: ServeParams
     deploy: DeployParams
     monitor: MonitorParams
+    numbers: NumbersParams
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

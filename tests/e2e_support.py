@@ -24,6 +24,7 @@ STAGES = [  # dvc.yaml's stages in the order they run
     "train",
     "evaluate",
     "export",
+    "numbers",
     "register",
 ]
 
