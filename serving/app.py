@@ -8,6 +8,8 @@ predict endpoints while no model is loaded; ``/ready`` says 503 ``{"ready": fals
   POST /v1/models/mnist-classifier:predict  TensorFlow Serving's REST predict API (row format)
   POST /predict                             the same body; digit, probabilities and model version
   POST /predict/image                       an uploaded PNG/JPEG of one digit (MNIST preprocessing)
+  POST /predict/number                      an uploaded PNG/JPEG of a whole number: each digit's
+                                            box, reading and runner-up (pipelines.segment)
   POST /feedback                            a corrected digit, queued for review in
                                             data/incoming/pending/ (the page's "correct" button);
                                             needs MNIST_SERVE_TOKEN when set (and it must be set
@@ -42,7 +44,7 @@ from serving.errors import add_error_handlers
 from serving.inference_log import InferenceLog
 from serving.limits import BodyLimit
 from serving.metrics import MULTIPROC_ENV, RequestMetrics, ServerMetrics
-from serving.routes import IMAGE_PATH, add_routes
+from serving.routes import UPLOAD_PATHS, add_routes
 from serving.shadow import Shadow
 from serving.workers import run_server
 
@@ -154,13 +156,23 @@ def create_app(
     if serve.batch_requests:
         batcher = Batcher(serve.batch_max_images, serve.max_batch_wait_ms / 1000)
     add_routes(
-        app, serve, name, champion, incoming_dir, metrics, inference_log, token, shadow, batcher
+        app,
+        serve,
+        name,
+        champion,
+        incoming_dir,
+        metrics,
+        inference_log,
+        token,
+        shadow,
+        batcher,
+        params.numbers.segment,
     )
     app.add_middleware(
         BodyLimit,
         max_body_bytes=serve.max_body_bytes,
         max_upload_bytes=serve.max_upload_bytes,
-        upload_path=IMAGE_PATH,
+        upload_paths=UPLOAD_PATHS,
     )
     if metrics is not None:  # outermost, so a 413 from the size limit is counted as well
         endpoints = frozenset(getattr(route, "path", "") for route in app.routes)

@@ -17,21 +17,25 @@ class BodyLimit:
     """ASGI middleware: 413 for a body over its limit, before the body is read.
 
     A declared Content-Length over the limit is refused at once; a body without one (chunked) is
-    counted as it streams and refused when it passes the limit. Uploads (``upload_path``) and
+    counted as it streams and refused when it passes the limit. Uploads (``upload_paths``) and
     JSON bodies have their own limits.
     """
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int, upload_path: str
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        upload_paths: frozenset[str],
     ) -> None:
         self.app, self.max_body, self.max_upload = app, max_body_bytes, max_upload_bytes
-        self.upload_path = upload_path
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on, counting its body when no Content-Length declares it."""
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        upload = scope["path"] == self.upload_path
+        upload = scope["path"] in self.upload_paths
         limit, field = (self.max_upload, "file") if upload else (self.max_body, "body")
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit():

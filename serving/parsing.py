@@ -14,7 +14,7 @@ import simdjson
 
 from pipelines.constants import IMAGE_SHAPE, IMAGE_SIDE, INPUT_SHAPE
 from serving.errors import InputError
-from serving.preprocess import ImageError, decode, mnist_digit
+from serving.preprocess import ImageError, decode, ink_levels, mnist_digit
 
 
 def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
@@ -164,5 +164,14 @@ def read_upload(data: bytes) -> np.ndarray:
     """An uploaded PNG or JPEG of one digit -> (28, 28) uint8, MNIST-style. Raises InputError."""
     try:
         return mnist_digit(decode(data))
+    except ImageError as exc:
+        raise InputError(422, "file", str(exc)) from None
+
+
+def read_number_upload(data: bytes) -> np.ndarray:
+    """An uploaded PNG or JPEG of a handwritten number -> (H, W) float32 ink in [0, 1], for
+    ``pipelines.segment.read_number``. Raises InputError."""
+    try:
+        return ink_levels(decode(data))
     except ImageError as exc:
         raise InputError(422, "file", str(exc)) from None

@@ -16,7 +16,7 @@ import orjson
 from fastapi import FastAPI, File, Header, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from pipelines.config import ServeParams
+from pipelines.config import SegmentParams, ServeParams
 from pipelines.review import count_waiting, save_pending
 from serving.batching import Batcher
 from serving.champion import Champion, Loaded
@@ -24,7 +24,7 @@ from serving.errors import InputError
 from serving.inference_log import Answered, InferenceLog
 from serving.limits import RateLimit
 from serving.metrics import CONTENT_TYPE, ServerMetrics
-from serving.parsing import parse_instances, read_image, read_upload
+from serving.parsing import parse_instances, read_image, read_number_upload, read_upload
 from serving.schemas import (
     UPLOAD,
     Correction,
@@ -38,6 +38,7 @@ from serving.schemas import (
     ModelMetadata,
     ModelReady,
     NotReady,
+    NumberAnswer,
     OIPError,
     PredictAnswer,
     PredictRequest,
@@ -55,7 +56,9 @@ OIP_VERSION = "/v2/models/{model}/versions/{version}"  # ... and those naming a 
 
 log = logging.getLogger("serving.app")  # the server's one log name, whichever module logs
 STATIC = Path(__file__).parent / "static"
-IMAGE_PATH = "/predict/image"  # uploads: the size limit gives them their own, larger limit
+IMAGE_PATH = "/predict/image"
+NUMBER_PATH = "/predict/number"
+UPLOAD_PATHS = frozenset({IMAGE_PATH, NUMBER_PATH})  # the size limit gives these their own limit
 
 
 def json_response(payload: dict) -> Response:
@@ -87,12 +90,14 @@ def add_routes(
     write_token: str | None = None,
     shadow: Shadow | None = None,
     batcher: Batcher | None = None,
+    segment: SegmentParams | None = None,
 ) -> None:
     """Add the API's routes to ``app``, each reading ``champion.current`` when it answers. Each
     answer is counted in ``metrics`` and queued to ``shadow`` (which passes it on to the log) or
     ``inference_log``, where they are given. With ``write_token``, POST /feedback (the one write)
     needs ``Authorization: Bearer <token>``. With ``batcher``, the model runs once for the images
-    of the requests that arrive together (``serving.batching``)."""
+    of the requests that arrive together (``serving.batching``). With ``segment`` (the rules of
+    ``pipelines.segment``), POST /predict/number reads whole numbers."""
     # Added to the app itself, not through an APIRouter: FastAPI keeps an included router as one
     # more route to match through on every request.
 
@@ -167,6 +172,9 @@ def add_routes(
             "probabilities": probs.tolist(),
             "input": digit.tolist(),  # the 28x28 the model saw
         }
+
+    if segment is not None:
+        add_number_route(app, segment, served, answered)
 
     def count_feedback(outcome: str) -> None:
         if metrics is not None:
@@ -439,3 +447,54 @@ def add_oip_routes(
     async def oip_version_infer(request: Request, model: str, version: str) -> Response:
         """Open Inference Protocol: inference by this version, which must be the one served."""
         return await infer(request, model, version)
+
+
+def add_number_route(app: FastAPI, segment: SegmentParams, served, answered) -> None:
+    """POST /predict/number: a whole number, read by ``pipelines.segment`` with the model
+    ``served()`` gives, each digit recorded through ``answered`` as the other APIs' images are."""
+    from starlette.concurrency import run_in_threadpool
+
+    from pipelines.segment import NumberError, read_number
+
+    @app.post(
+        NUMBER_PATH,
+        openapi_extra=UPLOAD,
+        responses={200: {"model": NumberAnswer}, **refusals(400, 413, 422, 503)},
+    )
+    async def predict_number(file: UploadFile = File(...)) -> Response:  # noqa: B008
+        """A PNG or JPEG of a handwritten number on one line: its digits, each with its box, its
+        probability and the runner-up, and a confidence for the whole number. Digits may be of
+        several sizes, slanted, apart or touching (docs/numbers.md); 422 says why a number
+        cannot be read."""
+        started = time.perf_counter()
+        ink = read_number_upload(await file.read())
+        loaded = served()
+
+        def classify(images: np.ndarray) -> np.ndarray:
+            return loaded.predictor.predict(images[..., None])
+
+        try:  # the cut search calls the model: off the event loop, as the other requests wait
+            reading = await run_in_threadpool(read_number, ink, classify, segment)
+        except NumberError as exc:
+            raise InputError(422, "file", str(exc)) from None
+        images = np.stack([d.image for d in reading.digits])[..., None]
+        probs = np.stack([d.probabilities for d in reading.digits])
+        answered(NUMBER_PATH, loaded, images, probs, started)
+        return json_response(
+            {
+                "model_version": loaded.version,
+                "number": reading.text,
+                "confidence": reading.confidence,
+                "digits": [
+                    {
+                        "box": vars(d.box),
+                        "digit": d.digit,
+                        "probability": d.probability,
+                        "runner_up": d.runner_up,
+                        "runner_up_probability": d.runner_up_probability,
+                        "input": d.image,
+                    }
+                    for d in reading.digits
+                ],
+            }
+        )

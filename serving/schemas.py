@@ -69,7 +69,8 @@ WHY = {
     404: "another model or version than the one served",
     413: "the body is over serve.max_body_bytes (uploads: serve.max_upload_bytes), or more images "
     "than serve.max_batch",
-    422: "the request's fields are not what the schema says (or an upload is no digit image)",
+    422: "the request's fields are not what the schema says (or an upload is no digit image; on "
+    "/predict/number: no number, with the reason: no ink, too many parts, a part no digit)",
     429: "too many corrections: serve.feedback_per_minute, or serve.feedback_quota waiting",
     503: "no model is loaded yet",
 }
@@ -135,6 +136,39 @@ class ImageAnswer(BaseModel):
     digit: Digit
     probabilities: Probabilities
     input: list[list[int]] = Field(description=f"the {SIDE} pixels the model saw")
+
+
+class Box(BaseModel):
+    """Where a digit was found, in the uploaded image's pixels (bottom and right excluded)."""
+
+    top: int = Field(ge=0)
+    left: int = Field(ge=0)
+    bottom: int = Field(ge=1)
+    right: int = Field(ge=1)
+
+
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class NumberDigit(BaseModel):
+    box: Box
+    digit: Digit
+    probability: Probability
+    runner_up: Digit = Field(description="the next likeliest digit")
+    runner_up_probability: Probability
+    input: list[list[int]] = Field(
+        description=f"the {SIDE} pixels the model saw: what POST /feedback takes to correct it"
+    )
+
+
+class NumberAnswer(BaseModel):
+    model_version: str
+    number: str = Field(pattern=r"^[0-9]+$", description="the digits read, left to right")
+    confidence: Probability = Field(
+        description="the product of the digits' probabilities: the chance all are right, if the "
+        "model's probabilities are calibrated"
+    )
+    digits: list[NumberDigit] = Field(min_length=1)
 
 
 # An upload is a PNG or JPEG of one digit: multipart's encoding says so (a schema cannot say that

