@@ -19,7 +19,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve review monitor shadow bench bench-serve bench-wrk bench-time bench-augment bench-adversarial bench-evaluate bench-scale clean-smoke push pull
+.PHONY: help install run flow smoke test lint docs format ui up postgres-server down status serve review monitor shadow bench bench-serve bench-wrk bench-time bench-augment bench-adversarial bench-evaluate bench-scale bench-numbers clean-smoke push pull
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -120,6 +120,9 @@ bench-adversarial: $(STAMP) ## benchmark: adversarial training vs plain, same bu
 
 bench-evaluate: $(STAMP) ## benchmark: evaluate's time with and without insight (the 20% bar; needs `make run`)
 	$(BIN)/python -m benchmarks.evaluate_cost
+
+bench-numbers: $(STAMP) ## benchmark: whole numbers read by the segmentation vs cut where drawn, and ms per 5-digit number (needs `make run`)
+	$(BIN)/python -m benchmarks.numbers
 
 bench-scale: $(STAMP) ## benchmark: trials/h in process vs on 2 Dask workers; PostgreSQL vs sqlite; MLflow server vs local (~15 min)
 	$(BIN)/python -m benchmarks.scale

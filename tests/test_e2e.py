@@ -15,6 +15,7 @@ from pipelines.runtime import METRICS_FILES
 from tests.e2e_support import (
     EXPERIMENT,
     MODEL_NAME,
+    SMOKE,
     STAGES,
     client_for,
     run_in,
@@ -147,7 +148,7 @@ def test_second_repro_runs_nothing_and_epochs_change_reruns_train_onwards(repro)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run_in(workdir, "dvc", "repro")
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert stages_run(changed.stdout) == ["train", "evaluate", "export", "register"]
+    assert stages_run(changed.stdout) == ["train", "evaluate", "export", "numbers", "register"]
     registration = json.loads((workdir / "data/register/registration.json").read_text())
     assert registration["version"] == 2 and registration["alias"] in {"champion", "challenger"}
 
@@ -291,6 +292,44 @@ def test_serve_wrk_benchmark_runs_every_server_and_prints_the_ratios(repro, tmp_
     for _, port in ports:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", int(port)), timeout=2).close()
+
+
+def test_the_numbers_stage_scores_the_export_and_its_benchmark_prints_the_goals(repro):
+    """The numbers stage's files and MLflow figures from the repro, then ``make bench-numbers`` on
+    the same export, a few numbers per spacing (no accuracy or timing is asserted: a one-epoch
+    model reads few numbers)."""
+    from pipelines.numbers import SCORES_FILE, SPACING_FILES, WORST_FILE
+
+    workdir, _ = repro
+    out = workdir / "data/numbers"
+    scores = json.loads((out / SCORES_FILE).read_text())
+    smoke = SMOKE["numbers"]["benchmark"]
+    assert scores["all"]["numbers"] == smoke["count"] * 8 * 3  # 1- to 8-digit, three spacings
+    for spacing, file_name in SPACING_FILES.items():
+        row = json.loads((out / file_name).read_text())
+        assert row == {"accuracy": scores["by_spacing"][spacing]["whole_accuracy"]}
+    assert (out / WORST_FILE).stat().st_size > 100
+    shown = run_in(workdir, "dvc", "metrics", "show")
+    assert "data/numbers/touching.json" in shown.stdout, shown.stdout
+    client = client_for(workdir)
+    run_id = json.loads((workdir / "data/model/run.json").read_text())["run_id"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["numbers.whole_accuracy"] == scores["all"]["whole_accuracy"]
+    assert (
+        metrics["numbers.5_touching.digit_accuracy"]
+        == (scores["by_length_spacing"]["5_touching"]["digit_accuracy"])
+    )
+    assert {a.path for a in client.list_artifacts(run_id, "numbers")} >= {
+        f"numbers/{name}" for name in (SCORES_FILE, WORST_FILE, *SPACING_FILES.values())
+    }
+    bench = run_in(workdir, "benchmarks.numbers", "--count", "3", timeout=300)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    for spacing in ("apart", "touching", "overlapping"):
+        assert re.search(rf"^{spacing}\s+[\d.]+\s+[\d.]+\s+([\d.]+x|nanx)\s", bench.stdout, re.M), (
+            bench.stdout
+        )
+    assert re.search(r"^SEGMENTED\s+[\d.]+\s+[\d.]+\s+[\d.]+x the baseline$", bench.stdout, re.M)
+    assert len(re.findall(r"^  .*: (met|missed)$", bench.stdout, re.M)) == 3, bench.stdout
 
 
 def png_file(path, image) -> None:
