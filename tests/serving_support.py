@@ -115,11 +115,14 @@ def with_first_pixel(token: str) -> str:
 
 
 @contextlib.contextmanager
-def serving_process(store, folder, *args, serve: dict | None = None):
+def serving_process(store, folder, *args, serve: dict | None = None, overrides: dict | None = None):
     """`python -m serving.app *args` on a free loopback port with the test registry; its URL and
-    process. ``serve`` overrides params.yaml's serve section; the inference log goes to
-    ``folder/monitoring``. Stopped (and checked to have let go of its port) on exit."""
-    params = yaml.safe_load(PARAMS_PATH.read_text())
+    process. ``serve`` overrides params.yaml's serve section, ``overrides`` any (merged in); the
+    inference log goes to ``folder/monitoring``. Stopped (and checked to have let go of its port)
+    on exit."""
+    from pipelines.config import deep_merge
+
+    params = deep_merge(yaml.safe_load(PARAMS_PATH.read_text()), overrides or {})
     params["serve"]["poll_interval_s"] = 1
     params["serve"]["log_dir"] = str(folder / "monitoring")
     params["serve"].update(serve or {})

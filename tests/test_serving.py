@@ -550,7 +550,12 @@ def live_process(registry, tmp_path_factory, live_incoming):
     """`python -m serving.app` on a free loopback port, with the test registry; its base URL."""
     store, _, _ = registry
     folder = tmp_path_factory.mktemp("serve")
-    with serving_process(store, folder, "--incoming", str(live_incoming)) as (url, _):
+    # the test model knows strokes, not digits: no number the page reads is refused for its doubt
+    doubtless = {"numbers": {"segment": {"min_confidence": 0.0}}}
+    with serving_process(store, folder, "--incoming", str(live_incoming), overrides=doubtless) as (
+        url,
+        _,
+    ):
         yield url
 
 
@@ -936,6 +941,72 @@ def test_drawing_page_predicts_a_stroke_in_headless_chromium(live_server, live_i
     rows = np.flatnonzero(ink.max(axis=1) > 50)
     cols = np.flatnonzero(ink.max(axis=0) > 50)
     assert rows[-1] - rows[0] > 2 * (cols[-1] - cols[0])  # the stroke arrived tall and thin
+
+
+@needs_chromium
+def test_the_number_page_boxes_each_digit_and_corrects_one_in_headless_chromium(
+    live_server, live_incoming
+):
+    """Three strokes apart on the wide canvas: three digits boxed over the drawing, and the
+    second one corrected alone, as the digit the server cut out for it."""
+    import base64
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from pipelines.merge import png_digit
+
+    pending = live_incoming / "pending"
+    before = set(pending.glob("*.png"))
+    with headless_chromium("1100,1100") as driver:
+        driver.get(f"{live_server}/")
+        canvas = driver.find_element(By.ID, "numpad")
+        for x in (-250, 0, 250):  # three strokes, far apart: three parts
+            actions = ActionChains(driver)
+            actions.move_to_element_with_offset(canvas, x, -60).click_and_hold()
+            for _ in range(6):
+                actions.move_by_offset(1, 20)
+            actions.release().perform()
+        driver.find_element(By.ID, "read-number").click()
+        WebDriverWait(driver, 20).until(
+            lambda d: (
+                d.find_element(By.ID, "number").text or d.find_element(By.ID, "number-error").text
+            )
+        )
+        assert driver.find_element(By.ID, "number-error").text == ""
+        shown = driver.find_element(By.ID, "number").text
+        items = driver.find_elements(By.CSS_SELECTOR, "[data-testid=number-digit]")
+        assert len(shown) == len(items) == 3, shown
+        assert [item.find_element(By.TAG_NAME, "b").text for item in items] == list(shown)
+        # the boxes are drawn over the drawing (red), which itself stays black on white
+        red = driver.execute_script(
+            "const c = document.getElementById('boxes').getContext('2d');"
+            "const d = c.getImageData(0, 0, 840, 200).data; let n = 0;"
+            "for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && d[i] > 150 && d[i + 1] < 100) n++;"
+            "return n;"
+        )
+        assert red > 100, red
+        data_url = driver.execute_script("return document.getElementById('numpad').toDataURL();")
+        drawing = base64.b64decode(data_url.split(",", 1)[1])
+        second = items[1]
+        Select(second.find_element(By.CLASS_NAME, "fix")).select_by_visible_text("7")
+        second.find_element(By.CLASS_NAME, "correct-digit").click()
+        WebDriverWait(driver, 20).until(
+            lambda d: second.find_element(By.CLASS_NAME, "saved-digit").text
+        )
+        assert "Saved as a 7" in second.find_element(By.CLASS_NAME, "saved-digit").text
+    answer = httpx.post(
+        f"{live_server}/predict/number", files={"file": ("n.png", drawing)}, timeout=10
+    ).json()
+    assert answer["number"] == shown
+    (saved,) = set(pending.glob("*.png")) - before  # the one corrected digit, waiting for review
+    np.testing.assert_array_equal(
+        png_digit(saved.read_bytes()), np.array(answer["digits"][1]["input"])
+    )
+    import json
+
+    assert json.loads(saved.with_suffix(".json").read_text())["label"] == 7
 
 
 def test_a_challenger_in_shadow_is_scored_shown_and_promoted_by_the_gate(
