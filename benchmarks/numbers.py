@@ -27,7 +27,7 @@ import numpy as np
 
 from pipelines.config import load_params
 from pipelines.numbers import SPACINGS, Number, judge, make_numbers, served_classifier, summary
-from pipelines.segment import Box, Digit, NumberError, Reading, piece, read_number
+from pipelines.segment import Box, NumberError, Reading, digit_of, piece, read_number
 
 LENGTH = 5  # the goals are for 5-digit numbers
 GOALS = {"apart": 0.99, "touching": 0.95}  # whole-number accuracy
@@ -41,12 +41,12 @@ def oracle_reading(number: Number, classify, rules) -> Reading:
         piece(number.image[:, left:right], height, rules) for _, left, _, right in number.boxes
     ]
     probs = classify(np.stack([p.image for p in pieces]))
-    digits = []
-    for (top, left, bottom, right), p, chosen in zip(number.boxes, probs, pieces, strict=True):
-        first, second = (int(i) for i in np.argsort(p)[::-1][:2])
-        box = Box(top, left, bottom, right)
-        digits.append(Digit(box, first, float(p[first]), second, float(p[second]), chosen.image, p))
-    return Reading(digits)
+    return Reading(
+        [
+            digit_of(Box(*box), p, chosen.image)
+            for box, p, chosen in zip(number.boxes, probs, pieces, strict=True)
+        ]
+    )
 
 
 def timed(call) -> tuple[object, float]:

@@ -22,12 +22,17 @@ class ImageError(ValueError):
     """The image is not a usable image of a digit; the message says why."""
 
 
+def ink_rows_cols(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the rows and of the columns of ``ink`` that hold ink (empty for none)."""
+    mask = ink > INK_THRESHOLD
+    return np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+
+
 def fit_to_frame(ink: np.ndarray) -> np.ndarray:
     """(H, W) ink in [0, 1] (1 = ink) -> (28, 28) uint8 in MNIST's frame: cropped to the ink,
     scaled to fit 20x20 keeping the aspect ratio, centre of mass at the centre. Raises ImageError
     when there is no ink."""
-    mask = ink > INK_THRESHOLD
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = ink_rows_cols(ink)
     if not len(rows):
         raise ImageError("no ink found: the image is blank (or has no contrast)")
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]

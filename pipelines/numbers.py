@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipelines.config import NumberBenchParams, SegmentParams, load_params
+from pipelines.digits import ink_rows_cols
 from pipelines.segment import Classify, NumberError, Reading, read_number
 
 log = logging.getLogger("pipelines.numbers")
@@ -58,8 +59,7 @@ class Number:
 
 def ink_columns(image: np.ndarray) -> np.ndarray:
     """``image`` cropped to its columns and rows of ink."""
-    mask = image > 0.2
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = ink_rows_cols(image)
     return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 

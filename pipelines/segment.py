@@ -42,7 +42,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipelines.config import SegmentParams
-from pipelines.digits import INK_THRESHOLD, fit_to_frame
+from pipelines.digits import INK_THRESHOLD, fit_to_frame, ink_rows_cols
 
 Classify = Callable[[np.ndarray], np.ndarray]  # (n, 28, 28) uint8 -> (n, 10) probabilities
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -71,6 +71,12 @@ class Digit:
     runner_up_probability: float
     image: np.ndarray  # (28, 28) uint8, what the classifier saw
     probabilities: np.ndarray  # (10,), the classifier's answer
+
+
+def digit_of(box: Box, probs: np.ndarray, image: np.ndarray) -> Digit:
+    """The digit the classifier's ``probs`` for ``image`` name, with the runner-up."""
+    first, second = (int(i) for i in np.argsort(probs)[::-1][:2])
+    return Digit(box, first, float(probs[first]), second, float(probs[second]), image, probs)
 
 
 @dataclass(frozen=True)
@@ -175,8 +181,7 @@ def spans_of(part: _Part, height: int, rules: SegmentParams) -> tuple[list[int],
 
 def piece(ink: np.ndarray, height: int, rules: SegmentParams) -> _Piece | None:
     """A piece of a part in MNIST's frame, with its shape's penalty; None for a piece with no ink."""
-    mask = ink > INK_THRESHOLD
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = ink_rows_cols(ink)
     if not len(rows):
         return None
     aspect = (cols[-1] - cols[0] + 1) / height
@@ -205,8 +210,7 @@ def best_cuts(points: list[int], scores: dict[tuple[int, int], float]) -> list[i
 def line_of_ink(ink: np.ndarray, rules: SegmentParams) -> tuple[np.ndarray, float, int, int]:
     """``ink`` cropped to its ink and scaled down to at most ``max_line_height`` rows: the map,
     its scale, and the top and left of the crop in ``ink``."""
-    mask = ink > INK_THRESHOLD
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    rows, cols = ink_rows_cols(ink)
     if not len(rows):
         raise NumberError("no ink found: the image is blank (or has no contrast)")
     top, left = int(rows[0]), int(cols[0])
@@ -260,10 +264,7 @@ def read_number(ink: np.ndarray, classify: Classify, rules: SegmentParams) -> Re
                 back(part.box.top + chosen.rows[1] + 1, top, scale),
                 back(part.box.left + b, left, scale),
             )
-            first, second = (int(i) for i in np.argsort(p)[::-1][:2])
-            digits.append(
-                Digit(box, first, float(p[first]), second, float(p[second]), chosen.image, p)
-            )
+            digits.append(digit_of(box, p, chosen.image))
     if len(digits) > rules.max_digits:
         raise NumberError(f"{len(digits)} digits, more than max_digits ({rules.max_digits})")
     weakest = min(digits, key=lambda d: d.probability)
