@@ -13,7 +13,8 @@ Gate, in order:
      ``challenger`` instead, tagged ``shadow_pending`` (the champion it beat): ``pipelines.shadow``
      promotes it once it has agreed with the champion on enough served requests.
 The exports and their parity report are attached to the version (files of its logged model, and
-tags). Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
+tags), and so are evaluate's report, with the numbers stage's section added (``numbers/`` holds
+that stage's scores and drawing). Every decision is written on the version as tags (reason, compared metrics, previous champion, time).
 If anything fails after the version is created and before its alias is set, the version is deleted.
 
 Several writers: steps 1-3 run concurrently; reading the champion, deciding, tagging and moving
@@ -47,6 +48,7 @@ log = logging.getLogger("pipelines.register")
 LOAD_CHECK_IMAGES = 512  # test images the registry round-trip check predicts
 PROBABILITY_TOLERANCE = 1e-4  # largest allowed probability difference in that check
 REPORT_ARTIFACT = "evaluation_report.html"  # evaluate's report, among the version's artifacts
+NUMBERS_ARTIFACTS = "numbers"  # the numbers stage's files, among the version's artifacts
 SHADOW_PENDING_TAG = "shadow_pending"  # on a version waiting in shadow: the champion it beat
 
 
@@ -300,6 +302,7 @@ def register_model(
     export_dir: Path | None = None,
     served_format: str = "model.onnx",
     report: Path | None = None,
+    numbers: Path | None = None,
     lock_timeout_s: float = REGISTRY_LOCK_TIMEOUT_S,
 ) -> dict:
     """Log ``model`` on the run, register it, run the gate and set the alias. Returns the record.
@@ -307,9 +310,11 @@ def register_model(
     ``export_dir`` (the export stage's output: the files and parity.json) is attached to the
     version and enables the infra check on ``served_format``; without it (unit tests) step 3 is
     skipped. ``report`` (evaluate's report.html) is attached to the version as
-    ``evaluation_report.html`` among its artifacts, and named in its ``evaluation_report`` tag.
-    Everything up to the decision runs without the registry lock; ``promote`` waits up to
-    ``lock_timeout_s`` for it.
+    ``evaluation_report.html`` among its artifacts, and named in its ``evaluation_report`` tag;
+    with ``numbers`` (the numbers stage's output) the page gets its section, the version its files
+    under ``numbers/`` and a ``numbers.<spacing>.whole_accuracy`` tag per spacing. Everything up
+    to the decision runs without the registry lock; ``promote`` waits up to ``lock_timeout_s``
+    for it.
     """
     import mlflow
 
@@ -317,6 +322,7 @@ def register_model(
     from pipelines.model import to_model_input
 
     client = tracking.client()
+    number_tags = numbers_tags(numbers) if numbers is not None else {}  # read before anything
     score_champion = champion_scorer(params, x_test, y_test, batch_size, export_dir, served_format)
     # Score today's champion before the lock: under it, promote re-reads the alias and only
     # re-scores when another writer moved it in the meantime.
@@ -342,8 +348,10 @@ def register_model(
             client.log_model_artifacts(info.model_id, str(export_dir))
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                shutil.copyfile(report, Path(tmp) / REPORT_ARTIFACT)
+                write_report(Path(report), numbers, Path(tmp) / REPORT_ARTIFACT)
                 client.log_model_artifacts(info.model_id, tmp)
+        if numbers is not None:
+            client.log_model_artifacts(info.model_id, str(numbers), NUMBERS_ARTIFACTS)
     version = mlflow.register_model(info.model_uri, params.model_name).version
     log.info("registered %s v%s from run %s", params.model_name, version, run_id)
     try:
@@ -375,6 +383,7 @@ def register_model(
                 else {}
             ),
             **served_tags,
+            **number_tags,
             **(extra_tags or {}),
         }
         promotion = promote(
@@ -415,6 +424,27 @@ def register_model(
     }
 
 
+def write_report(report: Path, numbers: Path | None, out: Path) -> None:
+    """The version's report: evaluate's page, with the numbers stage's section when given."""
+    if numbers is None:
+        shutil.copyfile(report, out)
+        return
+    from pipelines.numbers import SCORES_FILE, WORST_FILE
+    from pipelines.report import render_numbers, with_section
+
+    scores = json.loads((numbers / SCORES_FILE).read_text())
+    section = render_numbers(scores, numbers / WORST_FILE)
+    out.write_text(with_section(report.read_text(), section))
+
+
+def numbers_tags(numbers: Path) -> dict[str, str]:
+    """``numbers.<spacing>.whole_accuracy`` for each spacing of the numbers stage's scores."""
+    from pipelines.numbers import SCORES_FILE
+
+    scores = json.loads((numbers / SCORES_FILE).read_text())["by_spacing"]
+    return {f"numbers.{k}.whole_accuracy": f"{v['whole_accuracy']:.6f}" for k, v in scores.items()}
+
+
 def main() -> None:
     import keras
 
@@ -428,6 +458,7 @@ def main() -> None:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--export", required=True, help="the export stage's output")
     parser.add_argument("--report", required=True, help="evaluate's report")
+    parser.add_argument("--numbers", help="the numbers stage's output, added to the report")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = load_params(args.params)
@@ -454,6 +485,7 @@ def main() -> None:
         export_dir=Path(args.export),
         served_format=params.serve.format,
         report=Path(args.report) if Path(args.report).exists() else None,
+        numbers=Path(args.numbers) if args.numbers else None,
     )
     write_json(Path(args.out) / "registration.json", record)
 

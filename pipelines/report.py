@@ -5,6 +5,10 @@ metrics against the current champion, per-class metrics, the confusion matrix, t
 pairs with examples, the most confident errors, Grad-CAM, the error gallery, FGSM robustness,
 calibration, and lineage (data version, git commit, params). Figures are embedded as PNG data
 URIs. ``render_report`` is pure: it reads the figure files it is given and returns the page.
+
+The numbers stage runs after evaluate, so its section (``render_numbers``: whole numbers read by
+the segmentation, and the worst of them drawn with their boxes) is added to the page by the
+register stage (``with_section``), before the version gets it.
 """
 
 from __future__ import annotations
@@ -272,6 +276,81 @@ def render_report(inputs: ReportInputs) -> str:
         f"<title>Evaluation report: {esc(inputs.model_label)}</title><style>{CSS}</style></head>"
         f"<body>{''.join(sections)}</body></html>\n"
     )
+
+
+NUMBER_COLUMNS = {  # scores.json's keys, as the numbers section's table heads them
+    "whole_accuracy": "whole accuracy",
+    "digit_accuracy": "digit accuracy",
+    "errors_cuts": "cut errors",
+    "errors_classifier": "classifier errors",
+}
+SECTION_ANCHOR = "<h2 id='lineage'>"  # sections added later go before the lineage
+
+
+def render_numbers(scores: dict, worst: Path) -> str:
+    """The whole-numbers section, from the numbers stage's scores.json and worst.png."""
+    overall = scores["all"]
+    from pipelines.numbers import SPACINGS
+
+    spacing = pd.DataFrame([{"spacing": name, **scores["by_spacing"][name]} for name in SPACINGS])
+    columns = [
+        "spacing",
+        "numbers",
+        "whole_accuracy",
+        "digit_accuracy",
+        "refused",
+        "errors_cuts",
+        "errors_classifier",
+    ]
+    lengths = sorted(scores["by_length"], key=int)
+    by_both = scores["by_length_spacing"]
+    head = "".join(f"<th>{name}</th>" for name in SPACINGS)
+    rows = "".join(
+        f"<tr><td>{length}</td>"
+        + "".join(
+            f"<td>{_fmt(by_both[f'{length}_{name}']['whole_accuracy'], True)}</td>"
+            if f"{length}_{name}" in by_both
+            else "<td></td>"  # no number of that length and spacing
+            for name in SPACINGS
+        )
+        + "</tr>"
+        for length in lengths
+    )
+    return "".join(
+        [
+            "<h2 id='numbers'>Whole numbers</h2>",
+            f"<p>{overall['numbers']:,} numbers of 1 to {lengths[-1]} digits made from the test "
+            "set's digits (scaled, jittered, slanted; apart, touching or overlapping), read by "
+            "<code>pipelines/segment.py</code> with the served export, as "
+            "<code>POST /predict/number</code> reads them. Whole-number accuracy "
+            f"{_fmt(overall['whole_accuracy'], True)}, per digit "
+            f"{_fmt(overall['digit_accuracy'], True)}, refused {_fmt(overall['refused'], True)}. "
+            "An error is the cuts' when a drawn digit got no digit read or several, the "
+            "classifier's when every digit got one and one was misread.</p>",
+            _table(
+                spacing[columns].rename(columns=NUMBER_COLUMNS),
+                {
+                    "whole accuracy": "{:.2%}",
+                    "digit accuracy": "{:.2%}",
+                    "refused": "{:.2%}",
+                },
+                left=("spacing",),
+            ),
+            "<h3>Whole-number accuracy by length</h3>",
+            f"<table><tr><th>digits</th>{head}</tr>{rows}</table>",
+            "<h3>The worst readings</h3>",
+            "<p>The most confident wrong readings, then refusals, with the boxes read.</p>",
+            _figure(worst, "the worst readings of whole numbers, with their boxes"),
+        ]
+    )
+
+
+def with_section(page: str, section: str) -> str:
+    """``page`` (``render_report``'s) with ``section`` added before its lineage, or at the end."""
+    at = page.find(SECTION_ANCHOR)
+    if at < 0:
+        at = page.rfind("</body>")
+    return page[:at] + section + page[at:]
 
 
 def render_off_notice(metrics: dict) -> str:

@@ -439,3 +439,4 @@ def test_good_incoming_batch_becomes_a_new_data_version_and_a_new_model(repro):
     mlflow.set_registry_uri(tracking_uri(workdir))
     page = Path(mlflow.artifacts.download_artifacts(version.tags["evaluation_report"])).read_text()
     assert new_version in page and "Robustness under FGSM" in page
+    assert page.index("id='numbers'") < page.index("id='lineage'")  # the numbers stage's section

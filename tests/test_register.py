@@ -3,6 +3,8 @@ registry (sqlite in tmp_path)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import mlflow
 import numpy as np
@@ -374,6 +376,47 @@ def test_served_export_that_failed_parity_is_not_promoted(store, digits, exporte
         store.get_model_version_by_alias("mnist-classifier", "champion")
     tags = store.get_model_version("mnist-classifier", str(record["version"])).tags
     assert tags["decision"] == "none" and "parity" in tags["reason"]
+
+
+def test_the_version_gets_the_report_with_the_numbers_section_and_its_files(
+    store, digits, params, tmp_path
+):
+    import json
+
+    from pipelines.numbers import run_numbers
+
+    images, labels = digits
+    params_numbers = params.numbers
+    bench = params_numbers.benchmark.model_copy(update={"count": 1, "max_length": 2})
+
+    def always_seven(batch):
+        probs = np.full((len(batch), 10), 0.02)
+        probs[:, 7] = 0.82
+        return probs
+
+    numbers = tmp_path / "numbers"
+    scores = run_numbers(images, labels, always_seven, params_numbers.segment, bench, numbers)
+    report = tmp_path / "report.html"
+    report.write_text("<html><body><h2 id='headline'>H</h2><h2 id='lineage'>L</h2></body></html>")
+    model = trained(images, labels, epochs=0)
+    probs = predict_probabilities(model, images, 64)
+    result = evaluate_probabilities(probs, labels, 3)
+    with mlflow.start_run() as run:
+        pass
+    metrics = {"accuracy": result.accuracy, "loss": result.loss, "data_source": "test"}
+    gate = GATE.model_copy(update={"min_accuracy": 0.0})
+    record = register_model(
+        gate, run.info.run_id, model, metrics, images, labels, 64, report=report, numbers=numbers
+    )
+    version = store.get_model_version("mnist-classifier", str(record["version"]))
+    for spacing, row in scores["by_spacing"].items():
+        assert version.tags[f"numbers.{spacing}.whole_accuracy"] == f"{row['whole_accuracy']:.6f}"
+    page = Path(mlflow.artifacts.download_artifacts(version.tags["evaluation_report"])).read_text()
+    assert page.index("id='headline'") < page.index("id='numbers'") < page.index("id='lineage'")
+    uri = f"models:/mnist-classifier/{record['version']}/numbers"
+    files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "got")))
+    assert json.loads((files / "scores.json").read_text()) == scores
+    assert (files / "worst.png").read_bytes() == (numbers / "worst.png").read_bytes()
 
 
 def with_failed_parity(export_dir, tmp_path, name: str, failure: str):

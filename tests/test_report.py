@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 
 from pipelines.insight import calibration_table, error_groups, most_confident_errors
-from pipelines.report import EXAMPLES_PER_PAIR, ReportInputs, render_off_notice, render_report
+from pipelines.report import (
+    EXAMPLES_PER_PAIR,
+    ReportInputs,
+    render_numbers,
+    render_off_notice,
+    render_report,
+    with_section,
+)
 from pipelines.scoring import evaluate_probabilities
 from tests.browser import headless_chromium, needs_chromium
 from tests.conftest import make_arrays
@@ -161,6 +168,60 @@ def test_report_needs_no_network(tmp_path: Path) -> None:
     page = render_report(make_inputs(tmp_path)).lower()
     for external in ('src="http', "src='http", "<link", "<script", "url(", "@import", "//cdn"):
         assert external not in page, external
+
+
+def judged_numbers() -> dict:
+    """scores.json of three numbers: "4" apart read right, "40" touching read right, "40"
+    overlapping refused."""
+    from pipelines.numbers import Number, judge, score
+    from pipelines.segment import Box, Reading, digit_of
+
+    def number(text, spacing):
+        boxes = [(0, 15 * k, 20, 15 * k + 15) for k in range(len(text))]
+        return Number(np.zeros((20, 15 * len(text)), np.float32), text, spacing, boxes)
+
+    def right(n):
+        probs = np.full(10, 0.01)
+        return Reading(
+            [
+                digit_of(Box(*box), np.where(np.arange(10) == int(c), 0.91, probs), probs)
+                for c, box in zip(n.text, n.boxes, strict=True)
+            ]
+        )
+
+    apart, touching, overlapping = (
+        number("4", "apart"),
+        number("40", "touching"),
+        number("40", "overlapping"),
+    )
+    return score(
+        [
+            judge(apart, right(apart)),
+            judge(touching, right(touching)),
+            judge(overlapping, None, "no digit at any cut"),
+        ]
+    )
+
+
+def test_the_numbers_section_goes_before_the_lineage_with_its_figures(tmp_path: Path) -> None:
+    worst = write_png(tmp_path / "worst.png", 90, 30, seed=9)
+    section = render_numbers(judged_numbers(), worst)
+    page = with_section(render_report(make_inputs(tmp_path)), section)
+    assert re.findall(r"<h2 id='([^']+)'>", page) == [*SECTIONS[:-1], "numbers", "lineage"]
+    numbers = page.split("id='numbers'")[1].split("<h2")[0]
+    assert "3 numbers of 1 to 2 digits" in numbers
+    assert "Whole-number accuracy 66.67%, per digit 60.00%, refused 33.33%" in numbers
+    cells = r'<tr><td class="l">(\w+)</td><td class="">(\d+)</td><td class="">([\d.]+%)</td>'
+    rows = re.findall(cells, numbers)
+    assert rows == [
+        ("apart", "1", "100.00%"),
+        ("touching", "1", "100.00%"),
+        ("overlapping", "1", "0.00%"),
+    ]
+    # by length: "4" apart is the only 1-digit number; the two others have 2 digits
+    assert "<tr><td>1</td><td>100.00%</td><td></td><td></td></tr>" in numbers
+    assert "<tr><td>2</td><td></td><td>100.00%</td><td>0.00%</td></tr>" in numbers
+    assert [decode(src) for src in image_sources(numbers)] == [worst.read_bytes()]
 
 
 def test_report_shows_tables_lineage_and_overrides(tmp_path: Path) -> None:
