@@ -290,9 +290,8 @@ SECTION_ANCHOR = "<h2 id='lineage'>"  # sections added later go before the linea
 def render_numbers(scores: dict, worst: Path) -> str:
     """The whole-numbers section, from the numbers stage's scores.json and worst.png."""
     overall = scores["all"]
-    from pipelines.numbers import SPACINGS
-
-    spacing = pd.DataFrame([{"spacing": name, **scores["by_spacing"][name]} for name in SPACINGS])
+    spacings = list(scores["by_spacing"])  # apart, touching, overlapping: as the stage wrote them
+    spacing = pd.DataFrame([{"spacing": name, **scores["by_spacing"][name]} for name in spacings])
     columns = [
         "spacing",
         "numbers",
@@ -304,14 +303,14 @@ def render_numbers(scores: dict, worst: Path) -> str:
     ]
     lengths = sorted(scores["by_length"], key=int)
     by_both = scores["by_length_spacing"]
-    head = "".join(f"<th>{name}</th>" for name in SPACINGS)
+    head = "".join(f"<th>{name}</th>" for name in spacings)
     rows = "".join(
         f"<tr><td>{length}</td>"
         + "".join(
             f"<td>{_fmt(by_both[f'{length}_{name}']['whole_accuracy'], True)}</td>"
             if f"{length}_{name}" in by_both
             else "<td></td>"  # no number of that length and spacing
-            for name in SPACINGS
+            for name in spacings
         )
         + "</tr>"
         for length in lengths
