@@ -285,12 +285,16 @@ class SegmentParams(Section):
 
     min_part_share: float = Field(ge=0, le=1)  # of the largest part's ink: less is a speck
     merge_overlap: float = Field(ge=0, le=1)  # of the narrower part's columns: more is one digit
+    min_part_height: float = Field(
+        ge=0, le=1
+    )  # of the median part's height: less joins a neighbour
     min_split_aspect: float = Field(gt=0)  # width / line height above which a part may be cut
     max_piece_aspect: float = Field(gt=0)  # the widest one digit may be, over the line height
     min_piece_share: float = Field(gt=0, le=1)  # the narrowest piece, a share of the line height
     digit_aspect: float = Field(gt=0)  # pieces wider than this (over line height) are penalised
     aspect_spread: float = Field(gt=0)  # ... by a half-normal of this spread, in log units
     piece_cost: float  # log-score each piece costs: higher favours fewer, wider pieces
+    crossing_cost: float = Field(ge=0)  # log-score per stroke a cut crosses beyond the first
     cut_spread: int = Field(ge=0)  # columns either side of a valley also tried as cuts
     max_cuts: int = Field(ge=0)  # valleys tried per part, the lowest first
     max_digits: int = Field(ge=1)  # more parts or digits than this is refused

@@ -9,7 +9,9 @@ height of the parts), so a short, wide digit is still one digit of its line.
    less ink than ``min_part_share`` of the largest is a speck or a dot, and is dropped. Parts
    whose columns overlap by more than ``merge_overlap`` of the narrower one are one digit drawn
    in several strokes (a 5's flag, a 4 lifted mid-stroke), and are merged. Each part keeps only
-   its own pixels, so a neighbour's ink inside its box does not leak in.
+   its own pixels, so a neighbour's ink inside its box does not leak in. A part shorter than
+   ``min_part_height`` of the median part's height is no digit (every digit spans its line's
+   height) but a stroke of one drawn apart, such as a 5's flag, and joins its nearest neighbour.
 2. **Touching digits.** A part wider than ``min_split_aspect`` may hold several digits. Its
    candidate cuts are the valleys of its column profile (the columns with least ink between two
    with more), at most ``max_cuts`` of them, the lowest first, each with the ``cut_spread``
@@ -19,8 +21,11 @@ height of the parts), so a short, wide digit is still one digit of its line.
    cuts). A piece's score is the log of the classifier's top probability, less a penalty for a
    piece wider than ``digit_aspect`` (a half-normal in log units of ``aspect_spread``) and
    ``piece_cost``: without the width penalty fewer pieces always win, since each multiplies the
-   reading by a probability below 1. One call of ``classify`` scores every candidate piece of
-   the number.
+   reading by a probability below 1. A cut also costs ``crossing_cost`` for each stroke it goes
+   through beyond the first: two touching digits meet in one stroke, while a cut through one
+   digit crosses two or three (the classifier, which has no "no digit" answer, often reads both
+   halves of a digit surely). One call of ``classify`` scores every candidate piece of the
+   number.
 3. **Each digit** goes through ``pipelines.digits.fit_to_frame``, the same normalisation as
    ``POST /predict/image``.
 
@@ -122,12 +127,13 @@ def parts(ink: np.ndarray, rules: SegmentParams) -> list[_Part]:
         cols = slices[label - 1][1]
         if groups:
             last = slices_of(slices, groups[-1])[1]
-            overlap = min(cols.stop, last.stop) - max(cols.start, last.start)
+            overlap = -column_gap(cols, last)
             narrower = min(cols.stop - cols.start, last.stop - last.start)
             if overlap > rules.merge_overlap * narrower:
                 groups[-1].append(label)
                 continue
         groups.append([label])
+    groups = fragments_merged(groups, slices, rules.min_part_height)
     found = []
     for group in groups:
         rows, cols = slices_of(slices, group)
@@ -135,6 +141,31 @@ def parts(ink: np.ndarray, rules: SegmentParams) -> list[_Part]:
         box = Box(rows.start, cols.start, rows.stop, cols.stop)
         found.append(_Part(np.where(own, ink[rows, cols], 0.0), box))
     return found
+
+
+def fragments_merged(groups: list[list[int]], slices: list, share: float) -> list[list[int]]:
+    """``groups`` with each part shorter than ``share`` of the median part's height merged into
+    the neighbour nearest it in columns: every digit spans its line's height, so a short part is
+    a piece of one (a 5's flag drawn apart, a 4's stroke), not a digit of its own."""
+    groups = [list(g) for g in groups]
+    while len(groups) > 1:
+        boxes = [slices_of(slices, g) for g in groups]
+        heights = [rows.stop - rows.start for rows, _ in boxes]
+        line = float(np.median(heights))
+        short = [k for k, h in enumerate(heights) if h < share * line]
+        if not short:
+            break
+        k = min(short, key=lambda k: heights[k])
+        neighbours = [j for j in (k - 1, k + 1) if 0 <= j < len(groups)]
+        j = min(neighbours, key=lambda j: column_gap(boxes[k][1], boxes[j][1]))
+        low, high = sorted((k, j))
+        groups[low : high + 1] = [groups[low] + groups[high]]
+    return groups
+
+
+def column_gap(a: slice, b: slice) -> int:
+    """Blank columns between two column spans; below 0, they overlap."""
+    return max(a.start, b.start) - min(a.stop, b.stop)
 
 
 def slices_of(slices: list, labels: list[int]) -> tuple[slice, slice]:
@@ -247,7 +278,9 @@ def read_number(ink: np.ndarray, classify: Classify, rules: SegmentParams) -> Re
     for part, points, pieces in candidates:
         answers = {span: next(probs) for span in pieces}
         scores = {
-            span: math.log(max(float(answers[span].max()), 1e-12)) - pieces[span].penalty
+            span: math.log(max(float(answers[span].max()), 1e-12))
+            - pieces[span].penalty
+            - cut_penalty(part.ink, span[1], rules)
             for span in pieces
         }
         cuts = best_cuts(points, scores)
@@ -276,6 +309,22 @@ def read_number(ink: np.ndarray, classify: Classify, rules: SegmentParams) -> Re
             f"(min_confidence {rules.min_confidence})"
         )
     return Reading(digits)
+
+
+def crossings(column: np.ndarray) -> int:
+    """How many strokes a vertical cut down ``column`` goes through: its runs of ink."""
+    on = column > INK_THRESHOLD
+    return int(on[0]) + int(np.count_nonzero(on[1:] & ~on[:-1]))
+
+
+def cut_penalty(ink: np.ndarray, cut: int, rules: SegmentParams) -> float:
+    """What a cut of ``ink`` (a part) before column ``cut`` costs: ``crossing_cost`` for each
+    stroke it goes through beyond the first. Where two digits touch, a cut goes through one
+    stroke (where they meet); a cut through a digit goes through two or three. The part's right
+    edge is no cut, and costs nothing."""
+    if cut >= ink.shape[1]:
+        return 0.0
+    return rules.crossing_cost * max(0, crossings(ink[:, cut]) - 1)
 
 
 def back(coordinate: int, offset: int, scale: float) -> int:
