@@ -322,7 +322,8 @@ def register_model(
     from pipelines.model import to_model_input
 
     client = tracking.client()
-    number_tags = numbers_tags(numbers) if numbers is not None else {}  # read before anything
+    # the numbers stage's scores, read before anything is logged: a missing file fails here
+    number_scores = read_scores(numbers) if numbers is not None else None
     score_champion = champion_scorer(params, x_test, y_test, batch_size, export_dir, served_format)
     # Score today's champion before the lock: under it, promote re-reads the alias and only
     # re-scores when another writer moved it in the meantime.
@@ -348,7 +349,7 @@ def register_model(
             client.log_model_artifacts(info.model_id, str(export_dir))
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                write_report(Path(report), numbers, Path(tmp) / REPORT_ARTIFACT)
+                write_report(Path(report), numbers, number_scores, Path(tmp) / REPORT_ARTIFACT)
                 client.log_model_artifacts(info.model_id, tmp)
         if numbers is not None:
             client.log_model_artifacts(info.model_id, str(numbers), NUMBERS_ARTIFACTS)
@@ -383,7 +384,7 @@ def register_model(
                 else {}
             ),
             **served_tags,
-            **number_tags,
+            **(numbers_tags(number_scores) if number_scores is not None else {}),
             **(extra_tags or {}),
         }
         promotion = promote(
@@ -424,25 +425,31 @@ def register_model(
     }
 
 
-def write_report(report: Path, numbers: Path | None, out: Path) -> None:
+def read_scores(numbers: Path) -> dict:
+    """The numbers stage's scores.json, from its output folder ``numbers``."""
+    from pipelines.numbers import SCORES_FILE
+
+    return json.loads((numbers / SCORES_FILE).read_text())
+
+
+def write_report(report: Path, numbers: Path | None, scores: dict | None, out: Path) -> None:
     """The version's report: evaluate's page, with the numbers stage's section when given."""
-    if numbers is None:
+    if numbers is None or scores is None:
         shutil.copyfile(report, out)
         return
-    from pipelines.numbers import SCORES_FILE, WORST_FILE
+    from pipelines.numbers import WORST_FILE
     from pipelines.report import render_numbers, with_section
 
-    scores = json.loads((numbers / SCORES_FILE).read_text())
     section = render_numbers(scores, numbers / WORST_FILE)
     out.write_text(with_section(report.read_text(), section))
 
 
-def numbers_tags(numbers: Path) -> dict[str, str]:
+def numbers_tags(scores: dict) -> dict[str, str]:
     """``numbers.<spacing>.whole_accuracy`` for each spacing of the numbers stage's scores."""
-    from pipelines.numbers import SCORES_FILE
-
-    scores = json.loads((numbers / SCORES_FILE).read_text())["by_spacing"]
-    return {f"numbers.{k}.whole_accuracy": f"{v['whole_accuracy']:.6f}" for k, v in scores.items()}
+    return {
+        f"numbers.{k}.whole_accuracy": f"{v['whole_accuracy']:.6f}"
+        for k, v in scores["by_spacing"].items()
+    }
 
 
 def main() -> None:

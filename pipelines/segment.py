@@ -277,10 +277,11 @@ def read_number(ink: np.ndarray, classify: Classify, rules: SegmentParams) -> Re
     digits = []
     for part, points, pieces in candidates:
         answers = {span: next(probs) for span in pieces}
+        cut_costs = {point: cut_penalty(part.ink, point, rules) for point in points}
         scores = {
             span: math.log(max(float(answers[span].max()), 1e-12))
             - pieces[span].penalty
-            - cut_penalty(part.ink, span[1], rules)
+            - cut_costs[span[1]]
             for span in pieces
         }
         cuts = best_cuts(points, scores)
